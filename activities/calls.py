@@ -1,0 +1,82 @@
+"""Calling entities from activities: Updates with request ids, and translation of failures.
+
+A refusal by an entity arrives as ``WorkflowUpdateFailedError`` (or an RPC error when the entity
+does not exist); both become non-retryable ``ApplicationError``s carrying :class:`ErrorInfo`, so
+the operation workflow fails at once with the refusing level named. Transport faults stay
+retryable and the activity's retry policy handles them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
+from tetrarch.models import LevelRef
+
+R = TypeVar("R")
+
+
+def domain_error(err: TetrarchError) -> ApplicationError:
+    """A domain error as a non-retryable ApplicationError with its ErrorInfo as details."""
+    return ApplicationError(str(err), err.info(), type=err.code, non_retryable=True)
+
+
+def not_found(target: LevelRef) -> ApplicationError:
+    """The refusal for an entity that is not running."""
+    level = target.level.value
+    return domain_error(NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
+                                 level=level, entity=target.entity_id))
+
+
+def translate(err: BaseException, target: LevelRef) -> BaseException:
+    """Map a client-side failure of a call on ``target`` to what the activity should raise."""
+    if isinstance(err, WorkflowUpdateFailedError):
+        cause = err.cause
+        if isinstance(cause, ApplicationError):
+            details = list(cause.details) or [ErrorInfo(code=cause.type or "Error", level=target.level.value,
+                                                        entity=target.entity_id, message=cause.message)]
+            return ApplicationError(cause.message, *details, type=cause.type, non_retryable=True)
+        return ApplicationError(str(cause), type="UpdateFailed", non_retryable=True)
+    if isinstance(err, RPCError) and err.status == RPCStatusCode.NOT_FOUND:
+        return not_found(target)
+    if isinstance(err, WorkflowQueryFailedError):
+        return ApplicationError(str(err), type="QueryFailed", non_retryable=True)
+    return err
+
+
+async def update(client: Client, target: LevelRef, method: Any, arg: Any, result_type: type[R],
+                 request_id: str = "") -> R:
+    """Execute Update ``method`` on ``target``; ``<request_id>:<update>`` is the Update id (dedup).
+
+    The update name is part of the id because one request makes several Updates on one entity
+    (admit, then compensate), and the server would answer a reused id with the first result.
+    """
+    handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
+    update_id = f"{request_id}:{method.__name__}" if request_id else None
+    try:
+        result = await handle.execute_update(method, arg, id=update_id, result_type=result_type)
+    except (WorkflowUpdateFailedError, RPCError) as e:
+        raise translate(e, target) from e
+    return result  # type: ignore[no-any-return]
+
+
+async def query(client: Client, target: LevelRef, method: Any, result_type: type[R]) -> R:
+    """Query a running entity; a missing or closed entity is NotFound."""
+    handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
+    try:
+        desc = await handle.describe()
+        if desc.status is None or desc.status.name != "RUNNING":
+            raise not_found(target)
+        result = await handle.query(method, result_type=result_type)
+    except (RPCError, WorkflowQueryFailedError) as e:
+        raise translate(e, target) from e
+    return result  # type: ignore[no-any-return]

@@ -1,0 +1,396 @@
+"""The state of a management level and its pure transitions.
+
+Orchestrator, managers and supervisors share one shape: a pool carved from the parent, a policy,
+and a ledger of children (domains, supervisors or agents) each holding a slice of the pool. Every
+change is a method here that validates first and changes nothing when it refuses, so the entity
+workflows only route Updates to these methods. The sum of children's resources never exceeds the
+level's capacity.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from tetrarch.errors import CapacityExceeded, Conflict, HasChildren, InvalidRequest, LimitExceeded, NotFound
+from tetrarch.models import (
+    AgentStatus,
+    ChildStatus,
+    ChildView,
+    Health,
+    LevelSummary,
+    LevelView,
+    PoolView,
+    ResourceTotals,
+)
+from tetrarch.names import ORCHESTRATOR_ID, Level, agent_id, is_valid_name, manager_id, supervisor_id
+from tetrarch.policy import DEFAULT_AGENT_RESOURCES, Policy
+from tetrarch.resources import Resources, total
+
+
+class ChildRecord(BaseModel):
+    """A child in its parent's ledger."""
+
+    name: str
+    resources: Resources
+    policy: Policy = Field(default_factory=Policy)
+    status: ChildStatus = ChildStatus.ACTIVE
+    request_id: str = Field(default="", description="The request that created this child.")
+    last_report: LevelSummary | None = None
+
+
+class RegisterChild(BaseModel):
+    """Admit a child with a slice of this level's pool. Idempotent on an identical definition."""
+
+    request_id: str
+    name: str
+    resources: Resources | None = Field(
+        default=None, description="The child's slice; agents default to the policy's agent default.")
+    policy: Policy = Field(default_factory=Policy)
+
+
+class RegisterResult(BaseModel):
+    """The child as registered; ``created`` is false when an identical child already existed."""
+
+    child: ChildView
+    created: bool
+
+
+class ReconfigureChild(BaseModel):
+    """Change a child's slice and/or policy; fields left out stay as they are."""
+
+    request_id: str
+    name: str
+    resources: Resources | None = None
+    policy: Policy | None = None
+
+
+class ReconfigureResult(BaseModel):
+    """The child after the change, and its definition before (for compensation)."""
+
+    child: ChildView
+    previous_resources: Resources
+    previous_policy: Policy
+
+
+class ChildRef(BaseModel):
+    """Names one child of a level, with the request that acts on it."""
+
+    request_id: str = ""
+    name: str
+
+
+class ChildLookup(BaseModel):
+    """A child if it exists."""
+
+    child: ChildView | None = None
+
+
+class UnregisterResult(BaseModel):
+    """What removing a child gave back to the pool (None when it was already gone)."""
+
+    released: Resources | None = None
+
+
+class ConfigureLevel(BaseModel):
+    """Change this level's own capacity and/or policy."""
+
+    request_id: str = ""
+    resources: Resources | None = None
+    policy: Policy | None = None
+
+
+class BeginRemoval(BaseModel):
+    """Ask a level to prepare its own removal; with ``drain`` its children are to be removed first."""
+
+    request_id: str = ""
+    drain: bool = False
+
+
+class RemovalPlan(BaseModel):
+    """The children that must be removed before the level can close."""
+
+    children: list[str]
+
+
+class LevelState(BaseModel):
+    """Everything a management level knows; carried whole across continue-as-new."""
+
+    level: Level
+    name: str
+    domain: str | None = None
+    capacity: Resources
+    policy: Policy = Field(default_factory=Policy)
+    status: ChildStatus = ChildStatus.ACTIVE
+    children: dict[str, ChildRecord] = Field(default_factory=dict)
+    report_seq: int = 0
+    created_at: datetime
+    updated_at: datetime
+    continued_as_new: int = 0
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    @property
+    def entity_id(self) -> str:
+        """This level's workflow id."""
+        if self.level is Level.ORCHESTRATOR:
+            return ORCHESTRATOR_ID
+        if self.level is Level.MANAGER:
+            return manager_id(self.name)
+        assert self.domain is not None
+        return supervisor_id(self.domain, self.name)
+
+    @property
+    def scope(self) -> str:
+        """Human scope: system, a domain or a supervisor."""
+        if self.level is Level.ORCHESTRATOR:
+            return "system"
+        if self.level is Level.MANAGER:
+            return f"domain:{self.name}"
+        return f"supervisor:{self.domain}/{self.name}"
+
+    @property
+    def child_level(self) -> Level:
+        """The level of this level's children."""
+        child = self.level.child
+        assert child is not None
+        return child
+
+    def child_entity_id(self, name: str) -> str:
+        """Workflow id of child ``name``."""
+        if self.level is Level.ORCHESTRATOR:
+            return manager_id(name)
+        domain = self.name if self.level is Level.MANAGER else self.domain
+        assert domain is not None
+        return supervisor_id(domain, name) if self.level is Level.MANAGER else agent_id(domain, name)
+
+    def _refuse_kwargs(self) -> dict[str, str]:
+        return {"level": self.level.value, "entity": self.entity_id}
+
+    # -- pool ---------------------------------------------------------------------------------------
+
+    @property
+    def granted(self) -> Resources:
+        """Sum of every child's slice."""
+        return total([c.resources for c in self.children.values()])
+
+    @property
+    def free(self) -> Resources:
+        """Capacity not carved for any child."""
+        return self.capacity.minus(self.granted)
+
+    # -- transitions --------------------------------------------------------------------------------
+
+    def _require_active(self, action: str) -> None:
+        if self.status is not ChildStatus.ACTIVE:
+            raise Conflict(f"{self.entity_id} is being removed; cannot {action}", **self._refuse_kwargs())
+
+    def _child(self, name: str) -> ChildRecord:
+        child = self.children.get(name)
+        if child is None:
+            raise NotFound(f"{self.scope} has no {self.child_level.value} named {name!r}",
+                           **self._refuse_kwargs(), data={"name": name})
+        return child
+
+    def register_child(self, req: RegisterChild, now: datetime) -> RegisterResult:
+        """Admit a child, carving its slice from the free pool; identical re-registration is a no-op."""
+        kind = self.child_level.value
+        resources = req.resources if req.resources is not None else (
+            self.policy.default_agent_resources or DEFAULT_AGENT_RESOURCES)
+        if not is_valid_name(req.name):
+            raise InvalidRequest(
+                f"{kind} name {req.name!r} is not a lowercase DNS label (a-z, 0-9, '-', at most 63)",
+                **self._refuse_kwargs())
+        existing = self.children.get(req.name)
+        if existing is not None:
+            if existing.resources == resources and existing.policy == req.policy:
+                if existing.status is ChildStatus.REMOVING:
+                    raise Conflict(f"{kind} {req.name!r} is being removed", **self._refuse_kwargs())
+                return RegisterResult(child=self.view_child(req.name),
+                                      created=existing.request_id == req.request_id)
+            raise Conflict(
+                f"{kind} {req.name!r} already exists in {self.scope} with a different definition "
+                f"(has {existing.resources.human()}, asked {resources.human()})",
+                **self._refuse_kwargs(),
+                data={"existing": existing.resources.model_dump(), "requested": resources.model_dump()})
+        self._require_active(f"admit {kind} {req.name!r}")
+        limit = self.policy.max_children
+        if limit is not None and len(self.children) >= limit:
+            raise LimitExceeded(
+                f"{self.scope} admits at most {limit} {kind}s (policy v{self.policy.version} max_children)",
+                **self._refuse_kwargs())
+        short = resources.shortfall(self.free)
+        if short:
+            raise CapacityExceeded(
+                f"{self.scope} cannot carve {resources.human()} for {kind} {req.name!r}: "
+                + "; ".join(f"{k} {v}" for k, v in short.items()),
+                **self._refuse_kwargs(), problems=[f"{k}: {v}" for k, v in short.items()])
+        self.children[req.name] = ChildRecord(name=req.name, resources=resources, policy=req.policy,
+                                              request_id=req.request_id)
+        self.updated_at = now
+        return RegisterResult(child=self.view_child(req.name), created=True)
+
+    def reconfigure_child(self, req: ReconfigureChild, now: datetime) -> ReconfigureResult:
+        """Resize a child's slice (it must fit in free + its old slice) and/or replace its policy."""
+        child = self._child(req.name)
+        previous_resources, previous_policy = child.resources, child.policy
+        if req.resources is not None and req.resources != child.resources:
+            available = self.free + child.resources
+            short = req.resources.shortfall(available)
+            if short:
+                raise CapacityExceeded(
+                    f"{self.scope} cannot resize {self.child_level.value} {req.name!r} to "
+                    f"{req.resources.human()}: " + "; ".join(f"{k} {v}" for k, v in short.items()),
+                    **self._refuse_kwargs(), problems=[f"{k}: {v}" for k, v in short.items()])
+            child.resources = req.resources
+        if req.policy is not None:
+            child.policy = req.policy
+        self.updated_at = now
+        return ReconfigureResult(child=self.view_child(req.name), previous_resources=previous_resources,
+                                 previous_policy=previous_policy)
+
+    def begin_child_removal(self, ref: ChildRef, now: datetime) -> ChildView:
+        """Mark a child as being removed so nothing new is routed to it."""
+        child = self._child(ref.name)
+        child.status = ChildStatus.REMOVING
+        self.updated_at = now
+        return self.view_child(ref.name)
+
+    def cancel_child_removal(self, ref: ChildRef, now: datetime) -> ChildLookup:
+        """Undo :meth:`begin_child_removal` (compensation); a missing child is left alone."""
+        child = self.children.get(ref.name)
+        if child is None:
+            return ChildLookup()
+        child.status = ChildStatus.ACTIVE
+        self.updated_at = now
+        return ChildLookup(child=self.view_child(ref.name))
+
+    def unregister_child(self, ref: ChildRef, now: datetime) -> UnregisterResult:
+        """Remove a child and return its slice to the pool. Idempotent: a missing child releases nothing."""
+        child = self.children.pop(ref.name, None)
+        if child is None:
+            return UnregisterResult(released=None)
+        self.updated_at = now
+        return UnregisterResult(released=child.resources)
+
+    def configure(self, req: ConfigureLevel, now: datetime) -> LevelView:
+        """Change own capacity (never below what children hold) and/or policy (never below their count)."""
+        problems: list[str] = []
+        if req.resources is not None:
+            short = self.granted.shortfall(req.resources)
+            problems += [f"capacity {k}: children hold more ({v})" for k, v in short.items()]
+        if req.policy is not None and req.policy.max_children is not None \
+                and req.policy.max_children < len(self.children):
+            problems.append(f"policy max_children {req.policy.max_children} is below the "
+                            f"{len(self.children)} {self.child_level.value}s that exist")
+        if problems:
+            raise Conflict(f"{self.scope} cannot be reconfigured: " + "; ".join(problems),
+                           **self._refuse_kwargs(), problems=problems)
+        if req.resources is not None:
+            self.capacity = req.resources
+        if req.policy is not None:
+            self.policy = req.policy
+        self.updated_at = now
+        return self.view(now)
+
+    def begin_removal(self, req: BeginRemoval, now: datetime) -> RemovalPlan:
+        """Refuse if children remain and no drain was asked; otherwise stop admitting and list them."""
+        if self.children and not req.drain:
+            names = sorted(self.children)
+            raise HasChildren(
+                f"{self.scope} still has {len(names)} {self.child_level.value}(s): {', '.join(names[:10])}"
+                f"{' ...' if len(names) > 10 else ''}; remove them first or ask to drain",
+                **self._refuse_kwargs(), data={"children": names})
+        self.status = ChildStatus.REMOVING
+        self.updated_at = now
+        return RemovalPlan(children=sorted(self.children))
+
+    def cancel_removal(self, now: datetime) -> None:
+        """Undo :meth:`begin_removal` (compensation when a drain fails)."""
+        self.status = ChildStatus.ACTIVE
+        self.updated_at = now
+
+    def check_can_close(self) -> None:
+        """Closing is allowed only once removal began and no child is left."""
+        if self.status is not ChildStatus.REMOVING:
+            raise Conflict(f"{self.entity_id} must begin removal before it closes", **self._refuse_kwargs())
+        if self.children:
+            raise HasChildren(f"{self.scope} still has children: {', '.join(sorted(self.children))}",
+                              **self._refuse_kwargs(), data={"children": sorted(self.children)})
+
+    def apply_report(self, report: LevelSummary) -> bool:
+        """Record a child's upward report; stale or unknown reports are ignored. True if recorded."""
+        child = self.children.get(report.name)
+        if child is None:
+            return False
+        if child.last_report is not None and report.seq <= child.last_report.seq:
+            return False
+        child.last_report = report
+        return True
+
+    # -- views --------------------------------------------------------------------------------------
+
+    def view_child(self, name: str) -> ChildView:
+        """One child as this level sees it."""
+        c = self.children[name]
+        return ChildView(name=c.name, entity_id=self.child_entity_id(c.name), status=c.status,
+                         resources=c.resources, last_report=c.last_report)
+
+    def health(self) -> Health:
+        """Draining while being removed; degraded if anything below reports trouble."""
+        if self.status is ChildStatus.REMOVING:
+            return Health.DRAINING
+        for child in self.children.values():
+            r = child.last_report
+            if r is None:
+                continue
+            if r.health is Health.DEGRADED or r.status == AgentStatus.FAILED.value \
+                    or r.agents_by_status.get(AgentStatus.FAILED.value, 0) > 0:
+                return Health.DEGRADED
+        return Health.HEALTHY
+
+    def summary(self, now: datetime) -> LevelSummary:
+        """This level and everything below it, as reported upward."""
+        agents: dict[str, int] = {}
+        by_level: dict[str, ResourceTotals] = {
+            self.level.value: ResourceTotals(capacity=self.capacity, granted=self.granted)}
+        supervisors = 0
+        for child in self.children.values():
+            r = child.last_report
+            if self.child_level is Level.AGENT:
+                status = r.status if r is not None else AgentStatus.STARTING.value
+                agents[status] = agents.get(status, 0) + 1
+                key = Level.AGENT.value
+                by_level[key] = by_level.get(key, ResourceTotals()).plus(
+                    ResourceTotals(capacity=child.resources, granted=child.resources))
+                continue
+            if self.child_level is Level.SUPERVISOR:
+                supervisors += 1
+            elif r is not None:
+                supervisors += r.supervisors
+            if r is None:
+                key = self.child_level.value
+                by_level[key] = by_level.get(key, ResourceTotals()).plus(
+                    ResourceTotals(capacity=child.resources))
+                continue
+            for status, n in r.agents_by_status.items():
+                agents[status] = agents.get(status, 0) + n
+            for key, totals in r.resources_by_level.items():
+                by_level[key] = by_level.get(key, ResourceTotals()).plus(totals)
+        if self.level is Level.SUPERVISOR:
+            supervisors = 1
+        return LevelSummary(entity_id=self.entity_id, level=self.level, name=self.name, seq=self.report_seq,
+                            health=self.health(), status=self.status.value, resources=self.capacity,
+                            supervisors=supervisors, agents_by_status=agents,
+                            resources_by_level=by_level, reported_at=now)
+
+    def view(self, now: datetime, run_updates: int = 0) -> LevelView:
+        """The common ManagementLevel face of this level."""
+        return LevelView(
+            id=self.entity_id, level=self.level, scope=self.scope, domain=self.domain, name=self.name,
+            status=self.status, policy=self.policy,
+            pool=PoolView(capacity=self.capacity, granted=self.granted, free=self.free),
+            health=self.health(), children=[self.view_child(n) for n in sorted(self.children)],
+            metrics=self.summary(now), created_at=self.created_at, updated_at=self.updated_at,
+            run_updates=run_updates, continued_as_new=self.continued_as_new)

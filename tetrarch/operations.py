@@ -1,0 +1,184 @@
+"""Inputs and outputs of the public operation workflows and entity workflows.
+
+These models are the project's public API: every workflow, Update and Query takes one of them and
+returns one, they are exported as JSON Schema (``tetrarch schema``), and the ``temporal`` CLI can
+start any operation with plain JSON. New fields always get defaults so old histories still decode.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tetrarch.agent import AgentState
+from tetrarch.level import LevelState
+from tetrarch.models import ChildView, LevelView
+from tetrarch.policy import Policy
+from tetrarch.resources import Resources
+
+
+class _Request(BaseModel):
+    """Base of user-facing requests: unknown fields are refused, a request id makes retries safe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(
+        default="", description="Idempotency key; defaults to the operation's workflow id.")
+
+
+class CreateDomainRequest(_Request):
+    """Create a domain: a manager entity with a pool carved from the global pool."""
+
+    domain: str
+    resources: Resources = Field(default_factory=lambda: Resources.of(cpu=100, memory="100Gi"))
+    policy: Policy = Field(default_factory=Policy)
+
+
+class ConfigureDomainRequest(_Request):
+    """Resize a domain's pool and/or replace its policy."""
+
+    domain: str
+    resources: Resources | None = None
+    policy: Policy | None = None
+
+
+class RemoveDomainRequest(_Request):
+    """Remove a domain; refused while it has supervisors unless ``drain`` is set."""
+
+    domain: str
+    drain: bool = False
+
+
+class CreateSupervisorRequest(_Request):
+    """Create a supervisor in a domain with a pool carved from the domain pool."""
+
+    domain: str
+    name: str
+    resources: Resources = Field(default_factory=lambda: Resources.of(cpu=10, memory="10Gi"))
+    policy: Policy = Field(default_factory=Policy)
+
+
+class ConfigureSupervisorRequest(_Request):
+    """Resize a supervisor's pool and/or replace its policy."""
+
+    domain: str
+    name: str
+    resources: Resources | None = None
+    policy: Policy | None = None
+
+
+class RemoveSupervisorRequest(_Request):
+    """Remove a supervisor; refused while it has agents unless ``drain`` is set."""
+
+    domain: str
+    name: str
+    drain: bool = False
+
+
+class ScaleSupervisorsRequest(_Request):
+    """Add (``delta`` > 0) or remove (``delta`` < 0) supervisors in a domain."""
+
+    domain: str
+    delta: int = Field(description="How many supervisors to add (positive) or remove (negative).")
+    resources: Resources = Field(default_factory=lambda: Resources.of(cpu=10, memory="10Gi"),
+                                 description="Pool of each added supervisor.")
+    policy: Policy = Field(default_factory=Policy)
+    name_prefix: str = Field(default="sup", description="Added supervisors are named <prefix>-<n>.")
+    drain: bool = Field(default=False, description="Allow removing supervisors that still have agents.")
+
+
+class SpawnAgentRequest(_Request):
+    """Start an agent under a supervisor with a slice of the supervisor's pool."""
+
+    domain: str
+    supervisor: str
+    name: str
+    resources: Resources | None = Field(
+        default=None, description="Defaults to the supervisor policy's default (1 CPU / 1Gi).")
+    image: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class StopAgentRequest(_Request):
+    """Stop an agent cleanly and return its resources to its supervisor."""
+
+    domain: str
+    name: str
+    reason: str = "requested"
+
+
+class DomainResult(BaseModel):
+    """A created or changed domain as the orchestrator records it."""
+
+    domain: ChildView
+    created: bool = False
+
+
+class SupervisorResult(BaseModel):
+    """A created or changed supervisor as its manager records it."""
+
+    supervisor: ChildView
+    created: bool = False
+
+
+class AgentResult(BaseModel):
+    """A spawned agent as its supervisor records it."""
+
+    agent: ChildView
+    created: bool = False
+
+
+class RemovalResult(BaseModel):
+    """What a removal took away and gave back."""
+
+    entity_id: str
+    released: Resources | None = None
+    drained: list[str] = Field(default_factory=list, description="Children removed first (drain).")
+
+
+class ScaleResult(BaseModel):
+    """Supervisors added and removed by a scale operation."""
+
+    domain: str
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+
+
+class EntitySettings(BaseModel):
+    """Tuning of an entity workflow, carried across continue-as-new."""
+
+    report_interval_seconds: float = Field(
+        default=0.5, ge=0, description="Least time between two upward reports (debounce).")
+    continue_as_new_after: int = Field(
+        default=1000, ge=1,
+        description="Updates and signals per run before continuing as new (server caps: 2,000 / 10,000).")
+
+
+class LevelInput(BaseModel):
+    """Start input of a management entity: its definition, or its whole state when continued."""
+
+    level_state: LevelState
+    settings: EntitySettings = Field(default_factory=EntitySettings)
+
+
+class AgentInput(BaseModel):
+    """Start input of an agent entity: its state (new or continued)."""
+
+    agent_state: AgentState
+    settings: EntitySettings = Field(default_factory=EntitySettings)
+
+
+class SystemStatus(BaseModel):
+    """System-wide statistics as the orchestrator has them from its domains' reports."""
+
+    orchestrator: LevelView
+    domains: int
+    supervisors: int
+    agents_by_status: dict[str, int]
+    agents_total: int
+
+
+class ApplyResult(BaseModel):
+    """What applying a hierarchy file did: entities created, and those already there unchanged."""
+
+    created: list[str] = Field(default_factory=list)
+    unchanged: list[str] = Field(default_factory=list)

@@ -1,0 +1,142 @@
+"""Resource vectors: exact integer arithmetic over CPU, memory and GPU.
+
+CPU is held in millicores and memory in MiB so that sums and differences are exact (no float drift
+in pool ledgers). Users write quantities the Kubernetes way (``cpu: 2``, ``cpu: 500m``,
+``memory: 10Gi``); :func:`parse_cpu` and :func:`parse_memory` turn them into the canonical units.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_MEMORY_UNITS = {"": 1 / (1024 * 1024), "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024,
+                 "K": 1000 / (1024 * 1024), "M": 1000**2 / 1024**2, "G": 1000**3 / 1024**2,
+                 "T": 1000**4 / 1024**2}
+_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?)?B?\s*$")
+_CPU_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(m?)\s*$")
+
+
+def parse_cpu(value: Any) -> int:
+    """Parse a CPU quantity (``2``, ``0.5``, ``"500m"``) into millicores; raise ValueError if bad."""
+    if isinstance(value, bool):
+        raise ValueError("cpu must be a number of cores or a quantity like '500m'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"cpu must not be negative (got {value})")
+        return round(value * 1000)
+    if isinstance(value, str):
+        m = _CPU_RE.match(value)
+        if not m:
+            raise ValueError(f"cpu quantity {value!r} is not a number of cores or millicores like '500m'")
+        number = float(m.group(1))
+        return round(number) if m.group(2) == "m" else round(number * 1000)
+    raise ValueError(f"cpu must be a number or a string, not {type(value).__name__}")
+
+
+def parse_memory(value: Any) -> int:
+    """Parse a memory quantity (``"1Gi"``, ``"512Mi"``, ``"1Ti"``; a bare number is MiB) into MiB."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be a quantity like '1Gi'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"memory must not be negative (got {value})")
+        return round(value)
+    if isinstance(value, str):
+        m = _MEMORY_RE.match(value)
+        if not m:
+            raise ValueError(f"memory quantity {value!r} is not like '512Mi', '10Gi' or '1Ti'")
+        unit = m.group(2) or "Mi"
+        return round(float(m.group(1)) * _MEMORY_UNITS[unit])
+    raise ValueError(f"memory must be a number of MiB or a string, not {type(value).__name__}")
+
+
+def format_cpu(millicores: int) -> str:
+    """Render millicores for people: ``2`` cores or ``500m``."""
+    return str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+
+
+def format_memory(mib: int) -> str:
+    """Render MiB for people with the largest exact binary unit."""
+    for unit, size in (("Ti", 1024 * 1024), ("Gi", 1024)):
+        if mib >= size and mib % size == 0:
+            return f"{mib // size}{unit}"
+    return f"{mib}Mi"
+
+
+class Resources(BaseModel):
+    """A resource vector. Canonical fields are integers; ``cpu``/``memory`` quantities are accepted on input."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu_millis: int = Field(default=0, ge=0, description="CPU in millicores (1000 = one core).")
+    memory_mib: int = Field(default=0, ge=0, description="Memory in MiB.")
+    gpu: int = Field(default=0, ge=0, description="Whole GPUs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_quantities(cls, data: Any) -> Any:
+        """Accept ``{"cpu": "2", "memory": "4Gi"}`` as well as the canonical field names."""
+        if not isinstance(data, dict) or ("cpu" not in data and "memory" not in data):
+            return data
+        out = dict(data)
+        if "cpu" in out:
+            if "cpu_millis" in out:
+                raise ValueError("give either 'cpu' or 'cpu_millis', not both")
+            out["cpu_millis"] = parse_cpu(out.pop("cpu"))
+        if "memory" in out:
+            if "memory_mib" in out:
+                raise ValueError("give either 'memory' or 'memory_mib', not both")
+            out["memory_mib"] = parse_memory(out.pop("memory"))
+        return out
+
+    @classmethod
+    def of(cls, cpu: float | str = 0, memory: float | str = 0, gpu: int = 0) -> Resources:
+        """Build from human quantities: ``Resources.of(cpu=10, memory="10Gi")``."""
+        return cls(cpu_millis=parse_cpu(cpu), memory_mib=parse_memory(memory), gpu=gpu)
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(cpu_millis=self.cpu_millis + other.cpu_millis,
+                         memory_mib=self.memory_mib + other.memory_mib, gpu=self.gpu + other.gpu)
+
+    def minus(self, other: Resources) -> Resources:
+        """Component-wise difference; raises ValueError if any component would go negative."""
+        if not other.fits_in(self):
+            raise ValueError(f"cannot subtract {other.human()} from {self.human()}")
+        return Resources(cpu_millis=self.cpu_millis - other.cpu_millis,
+                         memory_mib=self.memory_mib - other.memory_mib, gpu=self.gpu - other.gpu)
+
+    def fits_in(self, other: Resources) -> bool:
+        """True when every component of self is at most the same component of ``other``."""
+        return (self.cpu_millis <= other.cpu_millis and self.memory_mib <= other.memory_mib
+                and self.gpu <= other.gpu)
+
+    def shortfall(self, available: Resources) -> dict[str, str]:
+        """The components by which self exceeds ``available``, rendered for people (empty if it fits)."""
+        out: dict[str, str] = {}
+        if self.cpu_millis > available.cpu_millis:
+            out["cpu"] = f"needs {format_cpu(self.cpu_millis)}, has {format_cpu(available.cpu_millis)}"
+        if self.memory_mib > available.memory_mib:
+            out["memory"] = (f"needs {format_memory(self.memory_mib)}, "
+                             f"has {format_memory(available.memory_mib)}")
+        if self.gpu > available.gpu:
+            out["gpu"] = f"needs {self.gpu}, has {available.gpu}"
+        return out
+
+    def is_zero(self) -> bool:
+        """True when nothing is requested."""
+        return self.cpu_millis == 0 and self.memory_mib == 0 and self.gpu == 0
+
+    def human(self) -> str:
+        """Short human rendering: ``10 CPU / 10Gi / 0 GPU``."""
+        return f"{format_cpu(self.cpu_millis)} CPU / {format_memory(self.memory_mib)} / {self.gpu} GPU"
+
+
+def total(items: list[Resources]) -> Resources:
+    """Sum of a list of resource vectors."""
+    out = Resources()
+    for item in items:
+        out = out + item
+    return out

@@ -1,0 +1,208 @@
+"""The Python client: every management operation and status read, as typed calls.
+
+Operations run as workflows on the task queue of the level where they start, with ids that say
+what they are (``op/create-domain/<domain>/<request>``) so they are easy to find in the Web UI.
+Status reads are Queries on the entities (the fast path: no workflow, no policy round trip).
+A refused operation raises the typed :class:`~tetrarch.errors.TetrarchError` the refusing level
+raised, with its code, level, message and problems.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from tetrarch.agent import AgentState
+from tetrarch.bootstrap import HierarchySpec
+from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
+from tetrarch.models import ChildView, LevelRef, LevelView
+from tetrarch.names import Level, TaskQueues
+from tetrarch.operations import (
+    AgentResult,
+    ApplyResult,
+    ConfigureDomainRequest,
+    ConfigureSupervisorRequest,
+    CreateDomainRequest,
+    CreateSupervisorRequest,
+    DomainResult,
+    RemovalResult,
+    RemoveDomainRequest,
+    RemoveSupervisorRequest,
+    ScaleResult,
+    ScaleSupervisorsRequest,
+    SpawnAgentRequest,
+    StopAgentRequest,
+    SupervisorResult,
+    SystemStatus,
+)
+from workflows.agent import AgentWorkflow
+from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
+from workflows.bootstrap import ApplyHierarchyWorkflow
+from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
+from workflows.levels import ManagementEntity
+from workflows.supervisors import (
+    ConfigureSupervisorWorkflow,
+    CreateSupervisorWorkflow,
+    RemoveSupervisorWorkflow,
+    ScaleSupervisorsWorkflow,
+)
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def error_from_failure(err: WorkflowFailureError) -> TetrarchError:
+    """The domain error behind a failed operation workflow."""
+    cause: BaseException | None = err.cause
+    while cause is not None and not isinstance(cause, ApplicationError):
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    if isinstance(cause, ApplicationError):
+        if cause.details:
+            detail = cause.details[0]
+            try:
+                return error_from_info(detail if isinstance(detail, ErrorInfo)
+                                       else ErrorInfo.model_validate(detail))
+            except Exception:  # details of another shape: fall through to the message
+                pass
+        if cause.type == "ValidationError":
+            return InvalidRequest(cause.message, level="workflow")
+        generic = TetrarchError(cause.message, level="workflow")
+        generic.code = cause.type or "Error"
+        return generic
+    return TetrarchError(str(err.cause or err), level="workflow")
+
+
+class TetrarchClient:
+    """Typed access to the hierarchy for programs, the CLI and tests."""
+
+    def __init__(self, client: Client, prefix: str = "") -> None:
+        self.client = client
+        self.queues = TaskQueues(prefix)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _execute(self, run: Any, req: BaseModel, level: Level, kind: str, target: str,
+                       result_type: type[R]) -> R:
+        rid = getattr(req, "request_id", "") or uuid.uuid4().hex[:12]
+        if hasattr(req, "request_id"):
+            req = req.model_copy(update={"request_id": rid})
+        wf_id = f"op/{kind}/{target}/{rid}"
+        try:
+            result = await self.client.execute_workflow(run, req, id=wf_id,
+                                                        task_queue=self.queues.for_level(level),
+                                                        result_type=result_type)
+        except WorkflowFailureError as e:
+            raise error_from_failure(e) from None
+        return result  # type: ignore[no-any-return]
+
+    async def _query(self, target: LevelRef, method: Any, result_type: type[R]) -> R:
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        missing = NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
+                           level="client", entity=target.entity_id)
+        try:
+            desc = await handle.describe()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise missing from None
+            raise
+        if desc.status is None or desc.status.name != "RUNNING":
+            raise missing
+        return await handle.query(method, result_type=result_type)  # type: ignore[no-any-return]
+
+    # -- hierarchy ----------------------------------------------------------------------------------
+
+    async def apply(self, spec: HierarchySpec, request_id: str = "") -> ApplyResult:
+        """Apply a hierarchy file (idempotent)."""
+        rid = request_id or uuid.uuid4().hex[:12]
+        try:
+            return await self.client.execute_workflow(
+                ApplyHierarchyWorkflow.run, spec, id=f"op/apply-hierarchy/{rid}",
+                task_queue=self.queues.orchestrator, result_type=ApplyResult)
+        except WorkflowFailureError as e:
+            raise error_from_failure(e) from None
+
+    async def create_domain(self, req: CreateDomainRequest) -> DomainResult:
+        """Create a domain (a manager) with a pool carved from the global pool."""
+        return await self._execute(CreateDomainWorkflow.run, req, Level.ORCHESTRATOR, "create-domain",
+                                   req.domain, DomainResult)
+
+    async def configure_domain(self, req: ConfigureDomainRequest) -> DomainResult:
+        """Resize a domain or replace its policy."""
+        return await self._execute(ConfigureDomainWorkflow.run, req, Level.ORCHESTRATOR, "configure-domain",
+                                   req.domain, DomainResult)
+
+    async def remove_domain(self, req: RemoveDomainRequest) -> RemovalResult:
+        """Remove a domain (drain to remove its supervisors and agents first)."""
+        return await self._execute(RemoveDomainWorkflow.run, req, Level.ORCHESTRATOR, "remove-domain",
+                                   req.domain, RemovalResult)
+
+    async def create_supervisor(self, req: CreateSupervisorRequest) -> SupervisorResult:
+        """Create a supervisor in a domain."""
+        return await self._execute(CreateSupervisorWorkflow.run, req, Level.MANAGER, "create-supervisor",
+                                   f"{req.domain}/{req.name}", SupervisorResult)
+
+    async def configure_supervisor(self, req: ConfigureSupervisorRequest) -> SupervisorResult:
+        """Resize a supervisor or replace its policy."""
+        return await self._execute(ConfigureSupervisorWorkflow.run, req, Level.MANAGER,
+                                   "configure-supervisor", f"{req.domain}/{req.name}", SupervisorResult)
+
+    async def remove_supervisor(self, req: RemoveSupervisorRequest) -> RemovalResult:
+        """Remove a supervisor (drain to stop its agents first)."""
+        return await self._execute(RemoveSupervisorWorkflow.run, req, Level.MANAGER, "remove-supervisor",
+                                   f"{req.domain}/{req.name}", RemovalResult)
+
+    async def scale_supervisors(self, req: ScaleSupervisorsRequest) -> ScaleResult:
+        """Add or remove N supervisors in a domain."""
+        return await self._execute(ScaleSupervisorsWorkflow.run, req, Level.MANAGER, "scale-supervisors",
+                                   req.domain, ScaleResult)
+
+    async def spawn_agent(self, req: SpawnAgentRequest) -> AgentResult:
+        """Spawn an agent under a supervisor."""
+        return await self._execute(SpawnAgentWorkflow.run, req, Level.SUPERVISOR, "spawn-agent",
+                                   f"{req.domain}/{req.name}", AgentResult)
+
+    async def stop_agent(self, req: StopAgentRequest) -> RemovalResult:
+        """Stop an agent cleanly and release its resources."""
+        return await self._execute(StopAgentWorkflow.run, req, Level.SUPERVISOR, "stop-agent",
+                                   f"{req.domain}/{req.name}", RemovalResult)
+
+    # -- status (fast path: queries) ------------------------------------------------------------------
+
+    async def describe(self, target: LevelRef) -> LevelView:
+        """Any management level's common face."""
+        return await self._query(target, ManagementEntity.describe, LevelView)
+
+    async def system_status(self) -> SystemStatus:
+        """System-wide counts and resources, as the orchestrator has them from its domains' reports."""
+        view = await self.describe(LevelRef.orchestrator())
+        agents = view.metrics.agents_by_status
+        return SystemStatus(orchestrator=view, domains=len(view.children), supervisors=view.metrics.supervisors,
+                            agents_by_status=agents, agents_total=sum(agents.values()))
+
+    async def domain_status(self, domain: str) -> LevelView:
+        """A domain's manager view."""
+        return await self.describe(LevelRef.manager(domain))
+
+    async def supervisor_status(self, domain: str, name: str) -> LevelView:
+        """A supervisor's view."""
+        return await self.describe(LevelRef.supervisor(domain, name))
+
+    async def agent_status(self, domain: str, name: str) -> AgentState:
+        """An agent's state."""
+        return await self._query(LevelRef.agent(domain, name), AgentWorkflow.describe, AgentState)
+
+    async def list_domains(self) -> list[ChildView]:
+        """Domains as the orchestrator records them."""
+        return (await self.describe(LevelRef.orchestrator())).children
+
+    async def list_supervisors(self, domain: str) -> list[ChildView]:
+        """Supervisors of a domain as its manager records them."""
+        return (await self.domain_status(domain)).children
+
+    async def list_agents(self, domain: str, supervisor: str) -> list[ChildView]:
+        """Agents of a supervisor as it records them."""
+        return (await self.supervisor_status(domain, supervisor)).children

@@ -1,0 +1,48 @@
+"""Which workflows and activities each level's worker runs (DESIGN.md decision 4).
+
+A level's entity workflow and the operations that start at that level run on its task queue;
+the activities that reach a level run there too, so a level's worker process is its service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tetrarch.names import Level
+from workflows.agent import AgentWorkflow
+from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
+from workflows.bootstrap import ApplyHierarchyWorkflow
+from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
+from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
+from workflows.supervisors import (
+    ConfigureSupervisorWorkflow,
+    CreateSupervisorWorkflow,
+    RemoveSupervisorWorkflow,
+    ScaleSupervisorsWorkflow,
+)
+
+WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
+    Level.ORCHESTRATOR: (OrchestratorWorkflow, ApplyHierarchyWorkflow, CreateDomainWorkflow,
+                         ConfigureDomainWorkflow, RemoveDomainWorkflow),
+    Level.MANAGER: (ManagerWorkflow, CreateSupervisorWorkflow, ConfigureSupervisorWorkflow,
+                    RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow),
+    Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow),
+    Level.AGENT: (AgentWorkflow,),
+}
+
+ALL_WORKFLOWS: list[type] = [wf for wfs in WORKFLOWS_BY_LEVEL.values() for wf in wfs]
+
+
+def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
+    """The bound activity methods a level's worker registers."""
+    from activities.agents import AgentActivities
+    from activities.levels import LevelActivities
+
+    if level is Level.AGENT:
+        a = AgentActivities(client)
+        return [a.start_agent, a.describe_agent, a.stop_agent]
+    lv = LevelActivities(client)
+    return [lv.start_level, lv.describe_level, lv.register_child, lv.reconfigure_child,
+            lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
+            lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy]

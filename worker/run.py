@@ -1,0 +1,59 @@
+"""Run the worker of one level, or of all four, until told to stop.
+
+``python -m worker --level manager`` is the manager level's service: it polls the ``manager``
+task queue (with the optional prefix) for manager entities, the operations that start at the
+manager, and the activities that reach managers. Several processes of the same level can run at
+once; Temporal spreads the tasks between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from tetrarch.names import Level, TaskQueues
+from worker.registry import WORKFLOWS_BY_LEVEL, activities_for
+
+#: Modules the workflow sandbox passes through instead of re-importing per workflow run: they are
+#: deterministic (pure logic and models), and re-importing them per run costs CPU for nothing.
+PASSTHROUGH_MODULES = ("tetrarch", "pydantic", "pydantic_core", "annotated_types", "yaml")
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandboxed runner with the project's pure modules passed through."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES))
+
+
+def parse_levels(level: str) -> list[Level]:
+    """``all`` or one level name."""
+    if level == "all":
+        return list(Level)
+    return [Level(level)]
+
+
+def build_workers(client: Client, levels: Sequence[Level], prefix: str = "",
+                  max_concurrent_activities: int = 200) -> list[Worker]:
+    """One worker per level, each on its own task queue."""
+    queues = TaskQueues(prefix)
+    return [
+        Worker(client, task_queue=queues.for_level(level), workflows=list(WORKFLOWS_BY_LEVEL[level]),
+               activities=activities_for(level, client), workflow_runner=workflow_runner(),
+               max_concurrent_activities=max_concurrent_activities)
+        for level in levels
+    ]
+
+
+async def run_workers(client: Client, levels: Sequence[Level], prefix: str = "",
+                      stop: asyncio.Event | None = None) -> None:
+    """Run the workers until ``stop`` is set (or forever); shut them down cleanly."""
+    workers = build_workers(client, levels, prefix)
+    async with contextlib.AsyncExitStack() as stack:
+        for w in workers:
+            await stack.enter_async_context(w)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())

@@ -1,0 +1,1 @@
+"""Temporal workflows: the four levels as entity workflows, and the operations that cross them."""

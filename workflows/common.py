@@ -1,0 +1,97 @@
+"""Plumbing shared by every workflow: error translation, search attributes, queues, activity options.
+
+Only deterministic code lives here: it runs inside workflows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from tetrarch.errors import ErrorInfo, TetrarchError
+    from tetrarch.names import Level, SearchAttr, TaskQueues
+
+LEVEL_KEY = SearchAttributeKey.for_keyword(SearchAttr.LEVEL)
+DOMAIN_KEY = SearchAttributeKey.for_keyword(SearchAttr.DOMAIN)
+SUPERVISOR_KEY = SearchAttributeKey.for_keyword(SearchAttr.SUPERVISOR)
+AGENT_STATUS_KEY = SearchAttributeKey.for_keyword(SearchAttr.AGENT_STATUS)
+OPERATION_KEY = SearchAttributeKey.for_keyword(SearchAttr.OPERATION)
+
+#: Retries for activities that call entities: transient faults retry, domain refusals do not.
+ENTITY_CALL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+                                maximum_interval=timedelta(seconds=5), maximum_attempts=20)
+ENTITY_CALL_TIMEOUT = timedelta(seconds=30)
+
+
+def to_application_error(err: TetrarchError) -> ApplicationError:
+    """A domain refusal as the non-retryable ApplicationError clients see (type = error code)."""
+    return ApplicationError(str(err), err.info(), type=err.code, non_retryable=True)
+
+
+def reraise(err: BaseException) -> NoReturn:
+    """Re-raise a failed activity's or child's domain error as this workflow's own failure.
+
+    The ApplicationError at the bottom of the cause chain keeps its type, message and details, so a
+    refusal three hops down reaches the client unchanged. Anything else is raised as it is.
+    """
+    cause: BaseException | None = err
+    while isinstance(cause, ActivityError | ChildWorkflowError):
+        cause = cause.cause
+    if isinstance(cause, ApplicationError) and cause.type:
+        raise ApplicationError(cause.message, *cause.details, type=cause.type,
+                               non_retryable=True) from None
+    raise err
+
+
+def error_info(err: BaseException) -> ErrorInfo | None:
+    """The ErrorInfo carried by a failed activity or child, if it is a domain refusal."""
+    cause: BaseException | None = err
+    while isinstance(cause, ActivityError | ChildWorkflowError):
+        cause = cause.cause
+    if isinstance(cause, ApplicationError) and cause.details:
+        detail = cause.details[0]
+        if isinstance(detail, ErrorInfo):
+            return detail
+        if isinstance(detail, dict):
+            return ErrorInfo.model_validate(detail)
+    return None
+
+
+def queues() -> TaskQueues:
+    """The task queues of this deployment, derived from the queue this workflow runs on.
+
+    Every queue is ``<prefix><level>``; the prefix is whatever precedes the level name here, so a
+    deployment (or a test) with a prefix needs no extra configuration.
+    """
+    tq = workflow.info().task_queue
+    for level in Level:
+        if tq.endswith(level.value):
+            return TaskQueues(tq[: -len(level.value)])
+    return TaskQueues("")
+
+
+class Saga:
+    """Compensations registered before each step and run in reverse, shielded, on failure."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+
+    def add(self, what: str, undo: Callable[[], Awaitable[Any]]) -> None:
+        """Register how to undo the step about to run."""
+        self._undo.append((what, undo))
+
+    async def compensate(self) -> None:
+        """Run every compensation, newest first; one failing does not stop the others."""
+        for what, undo in reversed(self._undo):
+            try:
+                await asyncio.shield(asyncio.ensure_future(undo()))
+            except Exception as e:  # a failed undo is logged and the rest still run
+                workflow.logger.error("compensation %s failed: %s", what, e)
+        self._undo.clear()

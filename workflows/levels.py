@@ -1,0 +1,299 @@
+"""The management levels as entity workflows: Orchestrator, Manager and Supervisor.
+
+All three show one face (the seed's standardized ``ManagementLevel``): the same Updates to admit,
+resize, remove and report children, the same Queries, the same upward report. Each subclass only
+names its parent. State lives in one :class:`LevelState` model and changes only through the pure
+methods behind validated Updates; the run loop reports upward (debounced), continues as new before
+the history grows large, and returns when the level is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    import pydantic
+
+    from tetrarch.errors import TetrarchError
+    from tetrarch.level import (
+        BeginRemoval,
+        ChildLookup,
+        ChildRef,
+        ConfigureLevel,
+        LevelState,
+        ReconfigureChild,
+        ReconfigureResult,
+        RegisterChild,
+        RegisterResult,
+        RemovalPlan,
+        UnregisterResult,
+    )
+    from tetrarch.models import ChildView, LevelSummary, LevelView
+    from tetrarch.names import ORCHESTRATOR_ID, Level, manager_id
+    from tetrarch.operations import EntitySettings, LevelInput
+
+from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, to_application_error
+
+T = TypeVar("T")
+
+
+class EntityLoop:
+    """Run-loop mechanics shared by every entity workflow (management levels and agents).
+
+    An entity marks itself dirty when its state changes; the loop sends at most one report to the
+    parent per ``report_interval_seconds``, continues as new (carrying its whole state) once the run
+    has handled ``continue_as_new_after`` Updates and signals or the server suggests it, and returns
+    when closed, always after its handlers have finished.
+    """
+
+    settings: EntitySettings
+
+    def _init_loop(self, settings: EntitySettings) -> None:
+        self.settings = settings
+        self._dirty = True
+        self._closing = False
+        self._run_updates = 0
+
+    def _touch(self) -> None:
+        """Count a handled Update or signal and schedule an upward report."""
+        self._run_updates += 1
+        self._dirty = True
+
+    def _should_continue_as_new(self) -> bool:
+        return (self._run_updates >= self.settings.continue_as_new_after
+                or workflow.info().is_continue_as_new_suggested())
+
+    def _parent_id(self) -> str | None:
+        """Workflow id of the parent entity to report to, or None at the top."""
+        raise NotImplementedError
+
+    def _next_summary(self) -> LevelSummary:
+        """Build the next upward report (bumping the report sequence)."""
+        raise NotImplementedError
+
+    def _continue_as_new_input(self) -> Any:
+        """The input of the next run: the whole state, counters bumped."""
+        raise NotImplementedError
+
+    async def _report(self) -> None:
+        """Send one upward report; a parent that is gone (being removed) is not an error."""
+        self._dirty = False
+        parent = self._parent_id()
+        if parent is None:
+            return
+        summary = self._next_summary()
+        try:
+            await workflow.get_external_workflow_handle(parent).signal(ManagementEntity.child_report, summary)
+        except Exception as e:  # the parent may have closed meanwhile; reports are advisory
+            workflow.logger.warning("report to %s failed: %s", parent, e)
+
+    async def _loop(self) -> None:
+        """Report, continue as new, or return when closing; never finish with handlers running."""
+        while True:
+            await workflow.wait_condition(
+                lambda: self._dirty or self._closing or self._should_continue_as_new())
+            if self._dirty and not self._closing:
+                await self._report()
+                if self.settings.report_interval_seconds > 0:
+                    try:
+                        await workflow.wait_condition(
+                            lambda: self._closing or self._should_continue_as_new(),
+                            timeout=timedelta(seconds=self.settings.report_interval_seconds))
+                    except TimeoutError:
+                        pass
+            if self._closing:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return
+            if self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self._dirty:
+                    await self._report()
+                workflow.continue_as_new(self._continue_as_new_input())
+
+
+class ManagementEntity(EntityLoop):
+    """Handlers shared by the three management levels. Subclasses add ``@workflow.run``."""
+
+    @workflow.init
+    def __init__(self, inp: LevelInput) -> None:
+        self.state = inp.level_state
+        self._init_loop(inp.settings)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _dry_run(self, change: Callable[[LevelState], Any]) -> None:
+        """Run a change on a copy so a validator refuses exactly what the handler would refuse."""
+        try:
+            change(self.state.model_copy(deep=True))
+        except TetrarchError as e:
+            raise to_application_error(e) from None
+
+    def _apply(self, change: Callable[[LevelState], T]) -> T:
+        try:
+            result = change(self.state)
+        except TetrarchError as e:  # raced past its validator: still refuse cleanly
+            raise to_application_error(e) from None
+        self._touch()
+        return result
+
+    def _parent_id(self) -> str | None:
+        if self.state.level is Level.ORCHESTRATOR:
+            return None
+        if self.state.level is Level.MANAGER:
+            return ORCHESTRATOR_ID
+        assert self.state.domain is not None
+        return manager_id(self.state.domain)
+
+    def _next_summary(self) -> LevelSummary:
+        self.state.report_seq += 1
+        return self.state.summary(workflow.now())
+
+    def _continue_as_new_input(self) -> LevelInput:
+        self.state.continued_as_new += 1
+        return LevelInput(level_state=self.state, settings=self.settings)
+
+    def _tag(self) -> None:
+        """Tag this entity with its level, domain and supervisor for the UI and list queries."""
+        updates = [LEVEL_KEY.value_set(self.state.level.value)]
+        if self.state.domain is not None:
+            updates.append(DOMAIN_KEY.value_set(self.state.domain))
+        if self.state.level is Level.SUPERVISOR:
+            updates.append(SUPERVISOR_KEY.value_set(self.state.name))
+        workflow.upsert_search_attributes(updates)
+
+    async def _run(self) -> LevelView:
+        self._tag()
+        await self._loop()
+        return self.state.view(workflow.now(), self._run_updates)
+
+    # -- children -----------------------------------------------------------------------------------
+
+    @workflow.update
+    def register_child(self, req: RegisterChild) -> RegisterResult:
+        """Admit a child with a slice of this level's pool (idempotent on an identical definition)."""
+        return self._apply(lambda s: s.register_child(req, workflow.now()))
+
+    @register_child.validator
+    def _validate_register_child(self, req: RegisterChild) -> None:
+        self._dry_run(lambda s: s.register_child(req, workflow.now()))
+
+    @workflow.update
+    def reconfigure_child(self, req: ReconfigureChild) -> ReconfigureResult:
+        """Resize a child's slice or replace its policy."""
+        return self._apply(lambda s: s.reconfigure_child(req, workflow.now()))
+
+    @reconfigure_child.validator
+    def _validate_reconfigure_child(self, req: ReconfigureChild) -> None:
+        self._dry_run(lambda s: s.reconfigure_child(req, workflow.now()))
+
+    @workflow.update
+    def begin_child_removal(self, ref: ChildRef) -> ChildView:
+        """Mark a child as being removed so nothing new is routed to it."""
+        return self._apply(lambda s: s.begin_child_removal(ref, workflow.now()))
+
+    @begin_child_removal.validator
+    def _validate_begin_child_removal(self, ref: ChildRef) -> None:
+        self._dry_run(lambda s: s.begin_child_removal(ref, workflow.now()))
+
+    @workflow.update
+    def cancel_child_removal(self, ref: ChildRef) -> ChildLookup:
+        """Compensation: the child is active again."""
+        return self._apply(lambda s: s.cancel_child_removal(ref, workflow.now()))
+
+    @workflow.update
+    def unregister_child(self, ref: ChildRef) -> UnregisterResult:
+        """Forget a child and return its slice to the pool (idempotent)."""
+        return self._apply(lambda s: s.unregister_child(ref, workflow.now()))
+
+    @workflow.signal
+    def child_report(self, report: LevelSummary) -> None:
+        """An upward report from a child."""
+        if self.state.apply_report(report):
+            self._touch()
+        else:
+            self._run_updates += 1
+
+    # -- itself -------------------------------------------------------------------------------------
+
+    @workflow.update
+    def configure(self, req: ConfigureLevel) -> LevelView:
+        """Change this level's own capacity or policy."""
+        return self._apply(lambda s: s.configure(req, workflow.now()))
+
+    @configure.validator
+    def _validate_configure(self, req: ConfigureLevel) -> None:
+        self._dry_run(lambda s: s.configure(req, workflow.now()))
+
+    @workflow.update
+    def begin_removal(self, req: BeginRemoval) -> RemovalPlan:
+        """Prepare to close: refused while children remain unless draining."""
+        return self._apply(lambda s: s.begin_removal(req, workflow.now()))
+
+    @begin_removal.validator
+    def _validate_begin_removal(self, req: BeginRemoval) -> None:
+        self._dry_run(lambda s: s.begin_removal(req, workflow.now()))
+
+    @workflow.update
+    def cancel_removal(self, req: BeginRemoval) -> LevelView:
+        """Compensation: the level admits children again."""
+        self._apply(lambda s: s.cancel_removal(workflow.now()))
+        return self.state.view(workflow.now(), self._run_updates)
+
+    @workflow.update
+    def close(self, req: BeginRemoval) -> LevelView:
+        """Close this level (it must be removing and empty); the workflow then completes."""
+        self._apply(lambda s: s.check_can_close())
+        self._closing = True
+        return self.state.view(workflow.now(), self._run_updates)
+
+    @close.validator
+    def _validate_close(self, req: BeginRemoval) -> None:
+        self._dry_run(lambda s: s.check_can_close())
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    @workflow.query
+    def describe(self) -> LevelView:
+        """The common ManagementLevel face: id, scope, policy, pool, health, children, metrics."""
+        return self.state.view(workflow.now(), self._run_updates)
+
+
+_FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]
+
+
+@workflow.defn(name="Orchestrator", failure_exception_types=_FAIL_FAST)
+class OrchestratorWorkflow(ManagementEntity):
+    """The system-wide level: global pool and policy, the domains (managers)."""
+
+    @workflow.run
+    async def run(self, inp: LevelInput) -> LevelView:
+        return await self._run()
+
+
+@workflow.defn(name="Manager", failure_exception_types=_FAIL_FAST)
+class ManagerWorkflow(ManagementEntity):
+    """One domain (tenant): its pool carved from the global pool, its supervisors."""
+
+    @workflow.run
+    async def run(self, inp: LevelInput) -> LevelView:
+        return await self._run()
+
+
+@workflow.defn(name="Supervisor", failure_exception_types=_FAIL_FAST)
+class SupervisorWorkflow(ManagementEntity):
+    """One supervisor: its pool carved from the domain pool, its agents' lifecycle."""
+
+    @workflow.run
+    async def run(self, inp: LevelInput) -> LevelView:
+        return await self._run()
+
+
+ENTITY_WORKFLOWS: dict[Level, type[ManagementEntity]] = {
+    Level.ORCHESTRATOR: OrchestratorWorkflow,
+    Level.MANAGER: ManagerWorkflow,
+    Level.SUPERVISOR: SupervisorWorkflow,
+}
