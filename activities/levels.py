@@ -11,7 +11,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 
-from activities.calls import query, update
+from activities.calls import domain_error, query, update
 from tetrarch.bootstrap import CurrentHierarchy
 from tetrarch.calls import (
     ChildCall,
@@ -27,8 +27,7 @@ from tetrarch.models import ChildView, LevelRef, LevelView
 from tetrarch.names import Level
 from tetrarch.operations import LevelInput
 from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
-from workflows.levels import ENTITY_WORKFLOWS, ManagementEntity
-from activities.calls import domain_error
+from workflows.levels import ENTITY_RUN, ManagementEntity
 
 
 class LevelActivities:
@@ -48,7 +47,7 @@ class LevelActivities:
         if st.level is Level.SUPERVISOR:
             attrs.append(SearchAttributePair(SUPERVISOR_KEY, st.name))
         await self.client.start_workflow(
-            ENTITY_WORKFLOWS[st.level].run, inp, id=st.entity_id, task_queue=activity.info().task_queue,
+            ENTITY_RUN[st.level], inp, id=st.entity_id, task_queue=activity.info().task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             search_attributes=TypedSearchAttributes(attrs))
         view = await query(self.client, target, ManagementEntity.describe, LevelView)

@@ -165,9 +165,6 @@ class LevelState(BaseModel):
         assert domain is not None
         return supervisor_id(domain, name) if self.level is Level.MANAGER else agent_id(domain, name)
 
-    def _refuse_kwargs(self) -> dict[str, str]:
-        return {"level": self.level.value, "entity": self.entity_id}
-
     # -- pool ---------------------------------------------------------------------------------------
 
     @property
@@ -184,13 +181,14 @@ class LevelState(BaseModel):
 
     def _require_active(self, action: str) -> None:
         if self.status is not ChildStatus.ACTIVE:
-            raise Conflict(f"{self.entity_id} is being removed; cannot {action}", **self._refuse_kwargs())
+            raise Conflict(f"{self.entity_id} is being removed; cannot {action}",
+                           level=self.level.value, entity=self.entity_id)
 
     def _child(self, name: str) -> ChildRecord:
         child = self.children.get(name)
         if child is None:
             raise NotFound(f"{self.scope} has no {self.child_level.value} named {name!r}",
-                           **self._refuse_kwargs(), data={"name": name})
+                           level=self.level.value, entity=self.entity_id, data={"name": name})
         return child
 
     def register_child(self, req: RegisterChild, now: datetime) -> RegisterResult:
@@ -201,31 +199,32 @@ class LevelState(BaseModel):
         if not is_valid_name(req.name):
             raise InvalidRequest(
                 f"{kind} name {req.name!r} is not a lowercase DNS label (a-z, 0-9, '-', at most 63)",
-                **self._refuse_kwargs())
+                level=self.level.value, entity=self.entity_id)
         existing = self.children.get(req.name)
         if existing is not None:
             if existing.resources == resources and existing.policy == req.policy:
                 if existing.status is ChildStatus.REMOVING:
-                    raise Conflict(f"{kind} {req.name!r} is being removed", **self._refuse_kwargs())
+                    raise Conflict(f"{kind} {req.name!r} is being removed",
+                                   level=self.level.value, entity=self.entity_id)
                 return RegisterResult(child=self.view_child(req.name),
                                       created=existing.request_id == req.request_id)
             raise Conflict(
                 f"{kind} {req.name!r} already exists in {self.scope} with a different definition "
                 f"(has {existing.resources.human()}, asked {resources.human()})",
-                **self._refuse_kwargs(),
+                level=self.level.value, entity=self.entity_id,
                 data={"existing": existing.resources.model_dump(), "requested": resources.model_dump()})
         self._require_active(f"admit {kind} {req.name!r}")
         limit = self.policy.max_children
         if limit is not None and len(self.children) >= limit:
             raise LimitExceeded(
                 f"{self.scope} admits at most {limit} {kind}s (policy v{self.policy.version} max_children)",
-                **self._refuse_kwargs())
+                level=self.level.value, entity=self.entity_id)
         short = resources.shortfall(self.free)
         if short:
             raise CapacityExceeded(
                 f"{self.scope} cannot carve {resources.human()} for {kind} {req.name!r}: "
                 + "; ".join(f"{k} {v}" for k, v in short.items()),
-                **self._refuse_kwargs(), problems=[f"{k}: {v}" for k, v in short.items()])
+                level=self.level.value, entity=self.entity_id, problems=[f"{k}: {v}" for k, v in short.items()])
         self.children[req.name] = ChildRecord(name=req.name, resources=resources, policy=req.policy,
                                               request_id=req.request_id)
         self.updated_at = now
@@ -242,7 +241,7 @@ class LevelState(BaseModel):
                 raise CapacityExceeded(
                     f"{self.scope} cannot resize {self.child_level.value} {req.name!r} to "
                     f"{req.resources.human()}: " + "; ".join(f"{k} {v}" for k, v in short.items()),
-                    **self._refuse_kwargs(), problems=[f"{k}: {v}" for k, v in short.items()])
+                    level=self.level.value, entity=self.entity_id, problems=[f"{k}: {v}" for k, v in short.items()])
             child.resources = req.resources
         if req.policy is not None:
             child.policy = req.policy
@@ -286,7 +285,7 @@ class LevelState(BaseModel):
                             f"{len(self.children)} {self.child_level.value}s that exist")
         if problems:
             raise Conflict(f"{self.scope} cannot be reconfigured: " + "; ".join(problems),
-                           **self._refuse_kwargs(), problems=problems)
+                           level=self.level.value, entity=self.entity_id, problems=problems)
         if req.resources is not None:
             self.capacity = req.resources
         if req.policy is not None:
@@ -301,7 +300,7 @@ class LevelState(BaseModel):
             raise HasChildren(
                 f"{self.scope} still has {len(names)} {self.child_level.value}(s): {', '.join(names[:10])}"
                 f"{' ...' if len(names) > 10 else ''}; remove them first or ask to drain",
-                **self._refuse_kwargs(), data={"children": names})
+                level=self.level.value, entity=self.entity_id, data={"children": names})
         self.status = ChildStatus.REMOVING
         self.updated_at = now
         return RemovalPlan(children=sorted(self.children))
@@ -314,10 +313,11 @@ class LevelState(BaseModel):
     def check_can_close(self) -> None:
         """Closing is allowed only once removal began and no child is left."""
         if self.status is not ChildStatus.REMOVING:
-            raise Conflict(f"{self.entity_id} must begin removal before it closes", **self._refuse_kwargs())
+            raise Conflict(f"{self.entity_id} must begin removal before it closes",
+                           level=self.level.value, entity=self.entity_id)
         if self.children:
             raise HasChildren(f"{self.scope} still has children: {', '.join(sorted(self.children))}",
-                              **self._refuse_kwargs(), data={"children": sorted(self.children)})
+                              level=self.level.value, entity=self.entity_id, data={"children": sorted(self.children)})
 
     def apply_report(self, report: LevelSummary) -> bool:
         """Record a child's upward report; stale or unknown reports are ignored. True if recorded."""

@@ -121,7 +121,7 @@ class TetrarchClient:
         try:
             return await self.client.execute_workflow(
                 ApplyHierarchyWorkflow.run, spec, id=f"op/apply-hierarchy/{rid}",
-                task_queue=self.queues.orchestrator, result_type=ApplyResult)
+                task_queue=self.queues.orchestrator)
         except WorkflowFailureError as e:
             raise error_from_failure(e) from None
 

@@ -1,1 +1,564 @@
-def cli(*a, **k): ...
+"""The ``tetrarch`` command line.
+
+Every command takes ``--json`` for machine-readable output (one JSON document on stdout; errors
+too, with a non-zero exit code). Connection options come before the command:
+``tetrarch --address host:7233 --json domain list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import BaseModel, ValidationError
+
+from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
+from tetrarch.errors import TetrarchError
+from tetrarch.names import Level
+from tetrarch.operations import (
+    ConfigureDomainRequest,
+    ConfigureSupervisorRequest,
+    CreateDomainRequest,
+    CreateSupervisorRequest,
+    RemoveDomainRequest,
+    RemoveSupervisorRequest,
+    ScaleSupervisorsRequest,
+    SpawnAgentRequest,
+    StopAgentRequest,
+    SystemStatus,
+)
+from tetrarch.policy import Policy
+from tetrarch.resources import Resources
+from tetrarch_cli import render
+from tetrarch_cli.client import TetrarchClient
+from tetrarch_cli.schemas import export_schemas, file_name
+from tetrarch_cli.server import ServerConfig, ServerError, ensure_search_attributes, start_server
+from worker.connect import DEFAULT_ADDRESS, connect
+from worker.run import parse_levels, run_workers
+
+T = TypeVar("T")
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class Ctx:
+    """Options shared by every command."""
+
+    def __init__(self, address: str | None, namespace: str, prefix: str, as_json: bool) -> None:
+        self.address = address
+        self.namespace = namespace
+        self.prefix = prefix
+        self.json = as_json
+
+
+def _emit(ctx: Ctx, value: Any, human: Callable[[], str]) -> None:
+    if ctx.json:
+        if isinstance(value, BaseModel):
+            click.echo(value.model_dump_json(indent=2))
+        else:
+            click.echo(json.dumps(_jsonable(value), indent=2))
+    else:
+        click.echo(human())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _fail(ctx: Ctx, code: int, kind: str, message: str, problems: list[str] | None = None,
+          level: str = "client", extra: dict[str, Any] | None = None) -> None:
+    if ctx.json:
+        click.echo(json.dumps({"error": {"code": kind, "level": level, "message": message,
+                                         "problems": problems or [], **(extra or {})}}, indent=2))
+    else:
+        click.echo(f"error [{kind}]: {message}", err=True)
+        for p in problems or []:
+            click.echo(f"  - {p}", err=True)
+    sys.exit(code)
+
+
+def _run(ctx: Ctx, work: Callable[[TetrarchClient], Awaitable[T]]) -> T:
+    """Connect, run ``work``, and turn every failure into a clear message and exit code."""
+    address = ctx.address or DEFAULT_ADDRESS
+
+    async def go() -> T:
+        try:
+            client = await connect(address, ctx.namespace)
+        except Exception as e:
+            raise ConnectionError(str(e)) from e
+        return await work(TetrarchClient(client, ctx.prefix))
+
+    try:
+        return asyncio.run(go())
+    except TetrarchError as e:
+        info = e.info()
+        _fail(ctx, EXIT_REFUSED, info.code, str(e), info.problems, info.level,
+              {"entity": info.entity, "data": info.data})
+    except ConnectionError as e:
+        _fail(ctx, EXIT_UNREACHABLE, "Unreachable",
+              f"cannot reach Temporal at {address} ({e}); start it with `tetrarch up` or pass --address")
+    raise AssertionError("unreachable")
+
+
+def _resources(cpu: str | None, memory: str | None, gpu: int | None,
+               default: Resources | None) -> Resources | None:
+    if cpu is None and memory is None and gpu is None:
+        return default
+    base = default or Resources()
+    data: dict[str, Any] = {"cpu_millis": base.cpu_millis, "memory_mib": base.memory_mib, "gpu": base.gpu}
+    try:
+        if cpu is not None:
+            data["cpu"] = cpu
+            data.pop("cpu_millis")
+        if memory is not None:
+            data["memory"] = memory
+            data.pop("memory_mib")
+        if gpu is not None:
+            data["gpu"] = gpu
+        return Resources.model_validate(data)
+    except ValidationError as e:
+        raise click.BadParameter("; ".join(err["msg"] for err in e.errors())) from None
+
+
+def _policy(max_children: int | None) -> Policy | None:
+    return None if max_children is None else Policy(max_children=max_children)
+
+
+def resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--cpu / --memory / --gpu."""
+    f = click.option("--gpu", type=int, default=None, help="Whole GPUs.")(f)
+    f = click.option("--memory", default=None, help="Memory quantity, e.g. 10Gi or 512Mi.")(f)
+    return click.option("--cpu", default=None, help="CPU cores (2, 0.5) or millicores (500m).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--address", envvar="TEMPORAL_ADDRESS", default=None,
+              help=f"Temporal frontend host:port (env TEMPORAL_ADDRESS; default {DEFAULT_ADDRESS}).")
+@click.option("--namespace", envvar="TEMPORAL_NAMESPACE", default="default", show_default=True)
+@click.option("--prefix", envvar="TETRARCH_QUEUE_PREFIX", default="",
+              help="Task-queue prefix of this deployment (env TETRARCH_QUEUE_PREFIX).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def cli(ctx: click.Context, address: str | None, namespace: str, prefix: str, as_json: bool) -> None:
+    """tetrarch: a durable four-level agent hierarchy (orchestrator, managers, supervisors, agents)."""
+    ctx.obj = Ctx(address, namespace, prefix, as_json)
+
+
+# -- up and worker ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=DEFAULT_BOOTSTRAP,
+              show_default="the seed's example layout", help="Hierarchy file (YAML or JSON) to apply.")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path(".tetrarch"), show_default=True,
+              help="Where the embedded server keeps its SQLite file and log.")
+@click.option("--port", type=int, default=7233, show_default=True, help="Embedded server gRPC port.")
+@click.option("--ui-port", type=int, default=8233, show_default=True, help="Embedded server Web UI port.")
+@click.option("--ip", default="127.0.0.1", show_default=True, help="Address the embedded server binds.")
+@click.option("--no-workers", is_flag=True, help="Start no workers here (they run elsewhere).")
+@click.option("--exit-after-apply", is_flag=True, help="Stop everything once the hierarchy is applied.")
+@click.pass_obj
+def up(ctx: Ctx, file_: Path, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
+       exit_after_apply: bool) -> None:
+    """Start the embedded Temporal server (unless --address names one), the four level workers and the
+    hierarchy from --file; print the Web UI's address; run until interrupted."""
+    try:
+        spec = load_bootstrap(file_)
+    except TetrarchError as e:
+        _fail(ctx, EXIT_USAGE, e.code, str(e), e.problems)
+    try:
+        asyncio.run(_up(ctx, spec, state_dir, port, ui_port, ip, no_workers, exit_after_apply))
+    except ServerError as e:
+        _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
+    except TetrarchError as e:
+        _fail(ctx, EXIT_REFUSED, e.code, str(e), e.problems, e.level)
+
+
+async def _up(ctx: Ctx, spec: HierarchySpec, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
+              exit_after_apply: bool) -> None:
+    server = None
+    if ctx.address:
+        address, ui = ctx.address, None
+    else:
+        config = ServerConfig(state_dir=state_dir, ip=ip, port=port, ui_port=ui_port, namespace=ctx.namespace)
+        server = await start_server(config)
+        address, ui = config.address, config.ui_url
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        client = await connect(address, ctx.namespace)
+        await ensure_search_attributes(client, ctx.namespace)
+        worker_task = None
+        if not no_workers:
+            worker_task = asyncio.create_task(run_workers(client, list(Level), ctx.prefix, stop))
+        tc = TetrarchClient(client, ctx.prefix)
+        applied = await tc.apply(spec)
+        status = await _settled_status(tc, spec)
+        ready = {"address": address, "namespace": ctx.namespace, "ui": ui,
+                 "ui_workflows": f"{ui}/namespaces/{ctx.namespace}/workflows" if ui else None,
+                 "state_dir": str(state_dir) if server else None, "applied": applied.model_dump(),
+                 "status": status.model_dump(mode="json")}
+        if ctx.json:
+            click.echo(json.dumps(ready))
+        else:
+            click.echo(render.system_status(status))
+            click.echo("")
+            click.echo(f"created: {', '.join(applied.created) or 'nothing (already in place)'}")
+            click.echo(f"Temporal server: {address} (namespace {ctx.namespace})")
+            if ui:
+                click.echo(f"Temporal Web UI: {ui}/namespaces/{ctx.namespace}/workflows")
+            click.echo("Running. Press Ctrl-C to stop." if not exit_after_apply else "Done.")
+        sys.stdout.flush()
+        if not exit_after_apply:
+            await stop.wait()
+        stop.set()
+        if worker_task is not None:
+            await worker_task
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _settled_status(tc: TetrarchClient, spec: HierarchySpec, attempts: int = 50) -> SystemStatus:
+    """System status once the upward reports have caught up with what was just applied (or ~10 s)."""
+    want_supervisors = sum(len(d.supervisors) for d in spec.domains)
+    want_agents = sum(s.agents for d in spec.domains for s in d.supervisors)
+    status = await tc.system_status()
+    for _ in range(attempts):
+        if (status.supervisors >= want_supervisors and status.agents_total >= want_agents
+                and "starting" not in status.agents_by_status):
+            break
+        await asyncio.sleep(0.2)
+        status = await tc.system_status()
+    return status
+
+
+@cli.command()
+@click.option("--level", type=click.Choice([lv.value for lv in Level] + ["all"]), required=True,
+              help="Which level's task queue to serve (all: the four in one process).")
+@click.pass_obj
+def worker(ctx: Ctx, level: str) -> None:
+    """Run the worker of one level (or all four) against the server at --address."""
+    address = ctx.address or DEFAULT_ADDRESS
+
+    async def go() -> None:
+        try:
+            client = await connect(address, ctx.namespace)
+        except Exception as e:
+            raise ConnectionError(str(e)) from e
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        levels = parse_levels(level)
+        click.echo(f"worker for {', '.join(lv.value for lv in levels)} on {address} "
+                   f"(queue prefix {ctx.prefix!r})", err=True)
+        await run_workers(client, levels, ctx.prefix, stop)
+
+    try:
+        asyncio.run(go())
+    except ConnectionError as e:
+        _fail(ctx, EXIT_UNREACHABLE, "Unreachable", f"cannot reach Temporal at {address} ({e})")
+
+
+@cli.command()
+@click.argument("file_", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Only validate the file; apply nothing.")
+@click.pass_obj
+def apply(ctx: Ctx, file_: Path, check: bool) -> None:
+    """Apply a hierarchy file (idempotent: applying it twice changes nothing)."""
+    try:
+        spec = load_bootstrap(file_)
+    except TetrarchError as e:
+        _fail(ctx, EXIT_USAGE, e.code, str(e), e.problems)
+    if check:
+        _emit(ctx, {"valid": True, "domains": len(spec.domains)}, lambda: f"{file_} is valid")
+        return
+    result = _run(ctx, lambda tc: tc.apply(spec))
+    _emit(ctx, result, lambda: f"created: {', '.join(result.created) or 'nothing (already in place)'}")
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.pass_obj
+def status(ctx: Ctx, path: str | None) -> None:
+    """Status of the system, a domain (DOMAIN), a supervisor (DOMAIN/SUP) or an agent (agent:DOMAIN/NAME)."""
+    if path is None:
+        st = _run(ctx, lambda tc: tc.system_status())
+        _emit(ctx, st, lambda: render.system_status(st))
+        return
+    if path.startswith("agent:"):
+        domain, _, name = path.removeprefix("agent:").partition("/")
+        ag = _run(ctx, lambda tc: tc.agent_status(domain, name))
+        _emit(ctx, ag, lambda: render.agent_state(ag))
+        return
+    domain, _, sup = path.partition("/")
+    view = _run(ctx, lambda tc: tc.supervisor_status(domain, sup) if sup else tc.domain_status(domain))
+    _emit(ctx, view, lambda: render.level_view(view))
+
+
+# -- domains -----------------------------------------------------------------------------------------
+
+
+@cli.group()
+def domain() -> None:
+    """Create, configure, list, inspect and remove domains (managers)."""
+
+
+@domain.command("create")
+@click.argument("name")
+@resource_options
+@click.option("--max-supervisors", type=int, default=None, help="Policy: most supervisors in this domain.")
+@click.option("--request-id", default="", help="Idempotency key (retrying with it never creates twice).")
+@click.pass_obj
+def domain_create(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu: int | None,
+                  max_supervisors: int | None, request_id: str) -> None:
+    """Create domain NAME (default pool 100 CPU / 100Gi)."""
+    res = _resources(cpu, memory, gpu, Resources.of(cpu=100, memory="100Gi"))
+    assert res is not None
+    req = CreateDomainRequest(domain=name, resources=res, policy=_policy(max_supervisors) or Policy(),
+                              request_id=request_id)
+    r = _run(ctx, lambda tc: tc.create_domain(req))
+    _emit(ctx, r, lambda: f"domain {name} {'created' if r.created else 'already exists (unchanged)'}: "
+                          f"{r.domain.resources.human()}")
+
+
+@domain.command("configure")
+@click.argument("name")
+@resource_options
+@click.option("--max-supervisors", type=int, default=None)
+@click.pass_obj
+def domain_configure(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu: int | None,
+                     max_supervisors: int | None) -> None:
+    """Resize domain NAME's pool or set its supervisor limit."""
+    req = ConfigureDomainRequest(domain=name, policy=_policy(max_supervisors))
+    if cpu is not None or memory is not None or gpu is not None:
+        current = _run(ctx, lambda tc: tc.domain_status(name)).pool.capacity
+        req.resources = _resources(cpu, memory, gpu, current)
+    r = _run(ctx, lambda tc: tc.configure_domain(req))
+    _emit(ctx, r, lambda: f"domain {name} configured: {r.domain.resources.human()}")
+
+
+@domain.command("list")
+@click.pass_obj
+def domain_list(ctx: Ctx) -> None:
+    """List the domains."""
+    children = _run(ctx, lambda tc: tc.list_domains())
+    _emit(ctx, children, lambda: render.children_table(children, "domain"))
+
+
+@domain.command("status")
+@click.argument("name")
+@click.pass_obj
+def domain_status(ctx: Ctx, name: str) -> None:
+    """Show domain NAME: pool, policy, health and supervisors."""
+    view = _run(ctx, lambda tc: tc.domain_status(name))
+    _emit(ctx, view, lambda: render.level_view(view))
+
+
+@domain.command("remove")
+@click.argument("name")
+@click.option("--drain", is_flag=True, help="Remove its supervisors (stopping their agents) first.")
+@click.pass_obj
+def domain_remove(ctx: Ctx, name: str, drain: bool) -> None:
+    """Remove domain NAME (refused while it has supervisors, unless --drain)."""
+    r = _run(ctx, lambda tc: tc.remove_domain(RemoveDomainRequest(domain=name, drain=drain)))
+    _emit(ctx, r, lambda: f"domain {name} removed" + (f" (drained {', '.join(r.drained)})" if r.drained else ""))
+
+
+# -- supervisors -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def supervisor() -> None:
+    """Create, configure, scale, list, inspect and remove supervisors."""
+
+
+@supervisor.command("create")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@resource_options
+@click.option("--max-agents", type=int, default=None, help="Policy: most agents under this supervisor.")
+@click.option("--request-id", default="")
+@click.pass_obj
+def supervisor_create(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
+                      gpu: int | None, max_agents: int | None, request_id: str) -> None:
+    """Create supervisor NAME in DOMAIN (default pool 10 CPU / 10Gi)."""
+    res = _resources(cpu, memory, gpu, Resources.of(cpu=10, memory="10Gi"))
+    assert res is not None
+    req = CreateSupervisorRequest(domain=domain_name, name=name, resources=res,
+                                  policy=_policy(max_agents) or Policy(), request_id=request_id)
+    r = _run(ctx, lambda tc: tc.create_supervisor(req))
+    _emit(ctx, r, lambda: f"supervisor {domain_name}/{name} "
+                          f"{'created' if r.created else 'already exists (unchanged)'}: "
+                          f"{r.supervisor.resources.human()}")
+
+
+@supervisor.command("configure")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@resource_options
+@click.option("--max-agents", type=int, default=None)
+@click.pass_obj
+def supervisor_configure(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
+                         gpu: int | None, max_agents: int | None) -> None:
+    """Resize supervisor NAME's pool or set its agent limit."""
+    req = ConfigureSupervisorRequest(domain=domain_name, name=name, policy=_policy(max_agents))
+    if cpu is not None or memory is not None or gpu is not None:
+        current = _run(ctx, lambda tc: tc.supervisor_status(domain_name, name)).pool.capacity
+        req.resources = _resources(cpu, memory, gpu, current)
+    r = _run(ctx, lambda tc: tc.configure_supervisor(req))
+    _emit(ctx, r, lambda: f"supervisor {domain_name}/{name} configured: {r.supervisor.resources.human()}")
+
+
+@supervisor.command("list")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.pass_obj
+def supervisor_list(ctx: Ctx, domain_name: str) -> None:
+    """List the supervisors of DOMAIN."""
+    children = _run(ctx, lambda tc: tc.list_supervisors(domain_name))
+    _emit(ctx, children, lambda: render.children_table(children, "supervisor"))
+
+
+@supervisor.command("status")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.pass_obj
+def supervisor_status(ctx: Ctx, domain_name: str, name: str) -> None:
+    """Show supervisor NAME of DOMAIN: pool, policy, health and agents."""
+    view = _run(ctx, lambda tc: tc.supervisor_status(domain_name, name))
+    _emit(ctx, view, lambda: render.level_view(view))
+
+
+@supervisor.command("remove")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.option("--drain", is_flag=True, help="Stop its agents cleanly first.")
+@click.pass_obj
+def supervisor_remove(ctx: Ctx, domain_name: str, name: str, drain: bool) -> None:
+    """Remove supervisor NAME of DOMAIN (refused while it has agents, unless --drain)."""
+    r = _run(ctx, lambda tc: tc.remove_supervisor(
+        RemoveSupervisorRequest(domain=domain_name, name=name, drain=drain)))
+    _emit(ctx, r, lambda: f"supervisor {domain_name}/{name} removed"
+                          + (f" (stopped {', '.join(r.drained)})" if r.drained else ""))
+
+
+@supervisor.command("scale")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("delta", type=int)
+@resource_options
+@click.option("--prefix", "name_prefix", default="sup", show_default=True, help="Names of added supervisors.")
+@click.option("--drain", is_flag=True, help="Allow removing supervisors that still have agents.")
+@click.pass_obj
+def supervisor_scale(ctx: Ctx, domain_name: str, delta: int, cpu: str | None, memory: str | None,
+                     gpu: int | None, name_prefix: str, drain: bool) -> None:
+    """Add DELTA supervisors to DOMAIN (negative: remove, emptiest first). Use -- before a negative DELTA."""
+    res = _resources(cpu, memory, gpu, Resources.of(cpu=10, memory="10Gi"))
+    assert res is not None
+    req = ScaleSupervisorsRequest(domain=domain_name, delta=delta, resources=res, name_prefix=name_prefix,
+                                  drain=drain)
+    r = _run(ctx, lambda tc: tc.scale_supervisors(req))
+    _emit(ctx, r, lambda: f"domain {domain_name}: added [{', '.join(r.added)}] removed [{', '.join(r.removed)}]")
+
+
+# -- agents ------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def agent() -> None:
+    """Spawn, stop, list and inspect agents."""
+
+
+@agent.command("spawn")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("supervisor_name", metavar="SUPERVISOR")
+@click.argument("name")
+@resource_options
+@click.option("--request-id", default="")
+@click.pass_obj
+def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu: str | None,
+                memory: str | None, gpu: int | None, request_id: str) -> None:
+    """Spawn agent NAME under SUPERVISOR of DOMAIN (default 1 CPU / 1Gi)."""
+    req = SpawnAgentRequest(domain=domain_name, supervisor=supervisor_name, name=name,
+                            resources=_resources(cpu, memory, gpu, None), request_id=request_id)
+    r = _run(ctx, lambda tc: tc.spawn_agent(req))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'}: "
+                          f"{r.agent.resources.human()}")
+
+
+@agent.command("stop")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.pass_obj
+def agent_stop(ctx: Ctx, domain_name: str, name: str) -> None:
+    """Stop agent NAME of DOMAIN cleanly and release its resources."""
+    r = _run(ctx, lambda tc: tc.stop_agent(StopAgentRequest(domain=domain_name, name=name)))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} stopped; released "
+                          f"{r.released.human() if r.released else 'nothing'}")
+
+
+@agent.command("list")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("supervisor_name", metavar="SUPERVISOR")
+@click.pass_obj
+def agent_list(ctx: Ctx, domain_name: str, supervisor_name: str) -> None:
+    """List the agents of SUPERVISOR in DOMAIN."""
+    children = _run(ctx, lambda tc: tc.list_agents(domain_name, supervisor_name))
+    _emit(ctx, children, lambda: render.children_table(children, "agent"))
+
+
+@agent.command("status")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.pass_obj
+def agent_status(ctx: Ctx, domain_name: str, name: str) -> None:
+    """Show agent NAME of DOMAIN."""
+    st = _run(ctx, lambda tc: tc.agent_status(domain_name, name))
+    _emit(ctx, st, lambda: render.agent_state(st))
+
+
+# -- schema ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write one file per workflow / update / query / signal into this directory.")
+@click.pass_obj
+def schema(ctx: Ctx, out: Path | None) -> None:
+    """Export the JSON Schemas of every public workflow, Update, Query and signal (input and output)."""
+    entries = export_schemas()
+    if out is None:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        (out / file_name(entry)).write_text(json.dumps(entry, indent=2) + "\n")
+    index = [{"kind": e["kind"], "name": e["name"], "on": e["on"], "file": file_name(e)} for e in entries]
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _emit(ctx, index, lambda: f"wrote {len(entries)} schemas to {out}")
+
+
+def main() -> None:
+    """Console entry point."""
+    with contextlib.suppress(KeyboardInterrupt):
+        cli()

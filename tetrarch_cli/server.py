@@ -126,7 +126,15 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-async def start_server(config: ServerConfig, timeout: float = 60.0) -> EmbeddedServer:
+def _spawn(config: ServerConfig) -> subprocess.Popen[bytes]:
+    """Launch the server process with its output appended to the log file in the state directory."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with config.log_file.open("ab") as log:
+        return subprocess.Popen(config.command(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+async def start_server(config: ServerConfig, startup_timeout: float = 60.0) -> EmbeddedServer:
     """Start the dev server and wait until it accepts clients; refuse clearly if a port is taken."""
     ports = [("server", config.port)] + ([] if config.headless else [("Web UI", config.ui_port)])
     for what, port in ports:
@@ -135,13 +143,9 @@ async def start_server(config: ServerConfig, timeout: float = 60.0) -> EmbeddedS
             raise ServerError(f"port {port} on {config.ip} is already in use, so the {what} cannot start there; "
                               f"stop what holds it, pick another with {flag}, or point at a running "
                               "server with --address / TEMPORAL_ADDRESS")
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    log = config.log_file.open("ab")
-    process = subprocess.Popen(config.command(), stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
+    process = _spawn(config)
     server = EmbeddedServer(config, process)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + startup_timeout
     while True:
         if process.poll() is not None:
             raise ServerError(f"the Temporal dev server exited with code {process.returncode}; its log "
@@ -155,7 +159,7 @@ async def start_server(config: ServerConfig, timeout: float = 60.0) -> EmbeddedS
                 pass
         if time.monotonic() > deadline:
             server.stop()
-            raise ServerError(f"the Temporal dev server did not become ready within {timeout:.0f}s; "
+            raise ServerError(f"the Temporal dev server did not become ready within {startup_timeout:.0f}s; "
                               f"see {config.log_file}")
         await asyncio.sleep(0.2)
 

@@ -14,14 +14,14 @@ with workflow.unsafe.imports_passed_through():
         ConfigureDomainRequest,
         CreateDomainRequest,
         DomainResult,
-        RemoveDomainRequest,
         RemovalResult,
+        RemoveDomainRequest,
         RemoveSupervisorRequest,
     )
 
 from workflows.common import DOMAIN_KEY, OPERATION_KEY, queues
-from workflows.supervisors import RemoveSupervisorWorkflow
 from workflows.level_ops import configure_level, create_level, remove_level, request_id
+from workflows.supervisors import RemoveSupervisorWorkflow
 
 _FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]
 

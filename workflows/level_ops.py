@@ -20,7 +20,15 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from tetrarch.errors import NotFound
-    from tetrarch.level import BeginRemoval, ConfigureLevel, LevelState, ReconfigureChild, RegisterChild
+    from tetrarch.level import (
+        BeginRemoval,
+        ConfigureLevel,
+        LevelState,
+        ReconfigureChild,
+        ReconfigureResult,
+        RegisterChild,
+        RegisterResult,
+    )
     from tetrarch.models import LevelRef
     from tetrarch.operations import LevelInput, RemovalResult
     from tetrarch.policy import Policy
@@ -35,7 +43,7 @@ def request_id(given: str) -> str:
     return given or workflow.info().workflow_id
 
 
-async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[steps.RegisterResult, bool]:
+async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[RegisterResult, bool]:
     """Admit ``child`` at ``parent`` and start its entity. Returns the registration and whether new."""
     saga = Saga()
     try:
@@ -51,7 +59,7 @@ async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[s
 
 
 async def configure_level(parent: LevelRef, target: LevelRef, name: str, resources: Resources | None,
-                          policy: Policy | None, rid: str) -> steps.ReconfigureResult:
+                          policy: Policy | None, rid: str) -> ReconfigureResult:
     """Resize ``name``'s slice at ``parent`` and apply it at ``target``; undo at the parent if refused."""
     saga = Saga()
     try:

@@ -9,6 +9,7 @@ the history grows large, and returns when the level is closed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -99,12 +100,10 @@ class EntityLoop:
             if self._dirty and not self._closing:
                 await self._report()
                 if self.settings.report_interval_seconds > 0:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await workflow.wait_condition(
                             lambda: self._closing or self._should_continue_as_new(),
                             timeout=timedelta(seconds=self.settings.report_interval_seconds))
-                    except TimeoutError:
-                        pass
             if self._closing:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return
@@ -292,8 +291,9 @@ class SupervisorWorkflow(ManagementEntity):
         return await self._run()
 
 
-ENTITY_WORKFLOWS: dict[Level, type[ManagementEntity]] = {
-    Level.ORCHESTRATOR: OrchestratorWorkflow,
-    Level.MANAGER: ManagerWorkflow,
-    Level.SUPERVISOR: SupervisorWorkflow,
+#: The run method of each management level's entity workflow (to start one by level).
+ENTITY_RUN: dict[Level, Any] = {
+    Level.ORCHESTRATOR: OrchestratorWorkflow.run,
+    Level.MANAGER: ManagerWorkflow.run,
+    Level.SUPERVISOR: SupervisorWorkflow.run,
 }

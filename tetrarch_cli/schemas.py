@@ -1,0 +1,126 @@
+"""The public API as JSON Schema: every workflow, Update, Query and signal with its input and output.
+
+``tetrarch schema`` prints these (or writes one file per entry), so that programs in any language,
+and people using the ``temporal`` CLI with ``--input '{...}'``, know exactly what each takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+
+from tetrarch.agent import AgentState, StopAgent
+from tetrarch.bootstrap import HierarchySpec
+from tetrarch.level import (
+    BeginRemoval,
+    ChildLookup,
+    ChildRef,
+    ConfigureLevel,
+    ReconfigureChild,
+    ReconfigureResult,
+    RegisterChild,
+    RegisterResult,
+    RemovalPlan,
+    UnregisterResult,
+)
+from tetrarch.models import ChildView, LevelSummary, LevelView
+from tetrarch.operations import (
+    AgentInput,
+    AgentResult,
+    ApplyResult,
+    ConfigureDomainRequest,
+    ConfigureSupervisorRequest,
+    CreateDomainRequest,
+    CreateSupervisorRequest,
+    DomainResult,
+    LevelInput,
+    RemovalResult,
+    RemoveDomainRequest,
+    RemoveSupervisorRequest,
+    ScaleResult,
+    ScaleSupervisorsRequest,
+    SpawnAgentRequest,
+    StopAgentRequest,
+    SupervisorResult,
+)
+
+
+@dataclass(frozen=True)
+class ApiEntry:
+    """One public workflow, Update, Query or signal."""
+
+    kind: str  # workflow | update | query | signal
+    name: str
+    on: str  # the task queue (workflows) or the entity workflow types (handlers)
+    input: type[BaseModel] | None
+    output: type[BaseModel] | None
+    summary: str
+
+
+_ENTITIES = "Orchestrator, Manager, Supervisor"
+
+PUBLIC_API: tuple[ApiEntry, ...] = (
+    ApiEntry("workflow", "ApplyHierarchy", "orchestrator", HierarchySpec, ApplyResult,
+             "Apply a hierarchy file (idempotent)."),
+    ApiEntry("workflow", "CreateDomain", "orchestrator", CreateDomainRequest, DomainResult,
+             "Create a domain (a manager) with a pool carved from the global pool."),
+    ApiEntry("workflow", "ConfigureDomain", "orchestrator", ConfigureDomainRequest, DomainResult,
+             "Resize a domain's pool or replace its policy."),
+    ApiEntry("workflow", "RemoveDomain", "orchestrator", RemoveDomainRequest, RemovalResult,
+             "Remove a domain; refused while it has supervisors unless drain is set."),
+    ApiEntry("workflow", "CreateSupervisor", "manager", CreateSupervisorRequest, SupervisorResult,
+             "Create a supervisor in a domain."),
+    ApiEntry("workflow", "ConfigureSupervisor", "manager", ConfigureSupervisorRequest, SupervisorResult,
+             "Resize a supervisor's pool or replace its policy."),
+    ApiEntry("workflow", "RemoveSupervisor", "manager", RemoveSupervisorRequest, RemovalResult,
+             "Remove a supervisor; refused while it has agents unless drain is set."),
+    ApiEntry("workflow", "ScaleSupervisors", "manager", ScaleSupervisorsRequest, ScaleResult,
+             "Add (delta > 0) or remove (delta < 0) supervisors in a domain."),
+    ApiEntry("workflow", "SpawnAgent", "supervisor", SpawnAgentRequest, AgentResult,
+             "Spawn an agent under a supervisor."),
+    ApiEntry("workflow", "StopAgent", "supervisor", StopAgentRequest, RemovalResult,
+             "Stop an agent cleanly and release its resources."),
+    ApiEntry("workflow", "Orchestrator", "orchestrator", LevelInput, LevelView,
+             "The orchestrator entity (id 'orchestrator')."),
+    ApiEntry("workflow", "Manager", "manager", LevelInput, LevelView, "A manager entity (id 'manager/<domain>')."),
+    ApiEntry("workflow", "Supervisor", "supervisor", LevelInput, LevelView,
+             "A supervisor entity (id 'supervisor/<domain>/<name>')."),
+    ApiEntry("workflow", "Agent", "agent", AgentInput, AgentState, "An agent entity (id 'agent/<domain>/<name>')."),
+    ApiEntry("update", "register_child", _ENTITIES, RegisterChild, RegisterResult, "Admit a child."),
+    ApiEntry("update", "reconfigure_child", _ENTITIES, ReconfigureChild, ReconfigureResult,
+             "Resize or re-police a child."),
+    ApiEntry("update", "begin_child_removal", _ENTITIES, ChildRef, ChildView, "Mark a child as being removed."),
+    ApiEntry("update", "cancel_child_removal", _ENTITIES, ChildRef, ChildLookup, "Undo begin_child_removal."),
+    ApiEntry("update", "unregister_child", _ENTITIES, ChildRef, UnregisterResult, "Forget a child, return its slice."),
+    ApiEntry("update", "configure", _ENTITIES, ConfigureLevel, LevelView, "Change own capacity or policy."),
+    ApiEntry("update", "begin_removal", _ENTITIES, BeginRemoval, RemovalPlan, "Prepare to close."),
+    ApiEntry("update", "cancel_removal", _ENTITIES, BeginRemoval, LevelView, "Undo begin_removal."),
+    ApiEntry("update", "close", _ENTITIES, BeginRemoval, LevelView, "Close an empty, removing level."),
+    ApiEntry("signal", "child_report", _ENTITIES, LevelSummary, None, "An upward report from a child."),
+    ApiEntry("query", "describe", _ENTITIES, None, LevelView, "The common ManagementLevel face."),
+    ApiEntry("update", "stop", "Agent", StopAgent, AgentState, "Stop the agent cleanly."),
+    ApiEntry("query", "describe", "Agent", None, AgentState, "The agent's state."),
+)
+
+
+def _schema(model: type[BaseModel] | None, mode: str) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    return TypeAdapter(model).json_schema(mode="validation" if mode == "input" else "serialization")
+
+
+def export_schemas() -> list[dict[str, Any]]:
+    """Every public entry with the JSON Schema of its input and output."""
+    return [{"kind": e.kind, "name": e.name, "on": e.on, "summary": e.summary,
+             "input": _schema(e.input, "input"), "output": _schema(e.output, "output")}
+            for e in PUBLIC_API]
+
+
+def file_name(entry: dict[str, Any]) -> str:
+    """A file name for one entry: ``workflow.CreateDomain.json``, ``update.Agent.stop.json``."""
+    on = "entity" if "," in entry["on"] else entry["on"]
+    if entry["kind"] == "workflow":
+        return f"workflow.{entry['name']}.json"
+    return f"{entry['kind']}.{on}.{entry['name']}.json"
