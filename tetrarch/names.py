@@ -55,7 +55,7 @@ def agent_id(domain: str, name: str) -> str:
 class SearchAttr:
     """Names of the search attributes the server must have registered (all Keyword)."""
 
-    LEVEL = "Level"
+    LEVEL = "HierarchyLevel"  # not "Level": the visibility query parser treats level as a keyword
     DOMAIN = "Domain"
     SUPERVISOR = "Supervisor"
     AGENT_STATUS = "AgentStatus"

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from tetrarch.agent import AgentState
@@ -90,14 +91,25 @@ class TetrarchClient:
         rid = getattr(req, "request_id", "") or uuid.uuid4().hex[:12]
         if hasattr(req, "request_id"):
             req = req.model_copy(update={"request_id": rid})
-        wf_id = f"op/{kind}/{target}/{rid}"
+        return await self._once(run, req, f"op/{kind}/{target}/{rid}", level, result_type)
+
+    async def _once(self, run: Any, req: BaseModel, wf_id: str, level: Level, result_type: type[R]) -> R:
+        """Run an operation exactly once per workflow id: a repeated request id gets the first outcome.
+
+        A request still running is joined; one that already finished is not run again (the id may
+        not be reused) and its recorded result or failure is returned instead.
+        """
         try:
-            result = await self.client.execute_workflow(run, req, id=wf_id,
-                                                        task_queue=self.queues.for_level(level),
-                                                        result_type=result_type)
+            handle = await self.client.start_workflow(
+                run, req, id=wf_id, task_queue=self.queues.for_level(level), result_type=result_type,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+        except WorkflowAlreadyStartedError:
+            handle = self.client.get_workflow_handle(wf_id, result_type=result_type)
+        try:
+            return await handle.result()  # type: ignore[no-any-return]
         except WorkflowFailureError as e:
             raise error_from_failure(e) from None
-        return result  # type: ignore[no-any-return]
 
     async def _query(self, target: LevelRef, method: Any, result_type: type[R]) -> R:
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
@@ -118,12 +130,8 @@ class TetrarchClient:
     async def apply(self, spec: HierarchySpec, request_id: str = "") -> ApplyResult:
         """Apply a hierarchy file (idempotent)."""
         rid = request_id or uuid.uuid4().hex[:12]
-        try:
-            return await self.client.execute_workflow(
-                ApplyHierarchyWorkflow.run, spec, id=f"op/apply-hierarchy/{rid}",
-                task_queue=self.queues.orchestrator)
-        except WorkflowFailureError as e:
-            raise error_from_failure(e) from None
+        return await self._once(ApplyHierarchyWorkflow.run, spec, f"op/apply-hierarchy/{rid}", Level.ORCHESTRATOR,
+                                ApplyResult)
 
     async def create_domain(self, req: CreateDomainRequest) -> DomainResult:
         """Create a domain (a manager) with a pool carved from the global pool."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -139,6 +141,17 @@ def _policy(max_children: int | None) -> Policy | None:
     return None if max_children is None else Policy(max_children=max_children)
 
 
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).json = True
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json`` accepted after any command too (``tetrarch status --json``)."""
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_json, help="Machine-readable output.")(f)
+
+
 def resource_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--cpu / --memory / --gpu."""
     f = click.option("--gpu", type=int, default=None, help="Whole GPUs.")(f)
@@ -172,6 +185,7 @@ def cli(ctx: click.Context, address: str | None, namespace: str, prefix: str, as
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Address the embedded server binds.")
 @click.option("--no-workers", is_flag=True, help="Start no workers here (they run elsewhere).")
 @click.option("--exit-after-apply", is_flag=True, help="Stop everything once the hierarchy is applied.")
+@json_option
 @click.pass_obj
 def up(ctx: Ctx, file_: Path, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
        exit_after_apply: bool) -> None:
@@ -185,6 +199,8 @@ def up(ctx: Ctx, file_: Path, state_dir: Path, port: int, ui_port: int, ip: str,
         asyncio.run(_up(ctx, spec, state_dir, port, ui_port, ip, no_workers, exit_after_apply))
     except ServerError as e:
         _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
+    except ConnectionError as e:
+        _fail(ctx, EXIT_UNREACHABLE, "Unreachable", str(e))
     except TetrarchError as e:
         _fail(ctx, EXIT_REFUSED, e.code, str(e), e.problems, e.level)
 
@@ -203,7 +219,11 @@ async def _up(ctx: Ctx, spec: HierarchySpec, state_dir: Path, port: int, ui_port
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        client = await connect(address, ctx.namespace)
+        try:
+            client = await connect(address, ctx.namespace)
+        except Exception as e:
+            raise ConnectionError(f"cannot reach Temporal at {address} ({e}); check --address / "
+                                  "TEMPORAL_ADDRESS, or leave it unset to start the embedded server") from e
         await ensure_search_attributes(client, ctx.namespace)
         worker_task = None
         if not no_workers:
@@ -253,6 +273,7 @@ async def _settled_status(tc: TetrarchClient, spec: HierarchySpec, attempts: int
 @cli.command()
 @click.option("--level", type=click.Choice([lv.value for lv in Level] + ["all"]), required=True,
               help="Which level's task queue to serve (all: the four in one process).")
+@json_option
 @click.pass_obj
 def worker(ctx: Ctx, level: str) -> None:
     """Run the worker of one level (or all four) against the server at --address."""
@@ -281,6 +302,7 @@ def worker(ctx: Ctx, level: str) -> None:
 @cli.command()
 @click.argument("file_", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--check", is_flag=True, help="Only validate the file; apply nothing.")
+@json_option
 @click.pass_obj
 def apply(ctx: Ctx, file_: Path, check: bool) -> None:
     """Apply a hierarchy file (idempotent: applying it twice changes nothing)."""
@@ -300,6 +322,7 @@ def apply(ctx: Ctx, file_: Path, check: bool) -> None:
 
 @cli.command()
 @click.argument("path", required=False)
+@json_option
 @click.pass_obj
 def status(ctx: Ctx, path: str | None) -> None:
     """Status of the system, a domain (DOMAIN), a supervisor (DOMAIN/SUP) or an agent (agent:DOMAIN/NAME)."""
@@ -330,6 +353,7 @@ def domain() -> None:
 @resource_options
 @click.option("--max-supervisors", type=int, default=None, help="Policy: most supervisors in this domain.")
 @click.option("--request-id", default="", help="Idempotency key (retrying with it never creates twice).")
+@json_option
 @click.pass_obj
 def domain_create(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu: int | None,
                   max_supervisors: int | None, request_id: str) -> None:
@@ -347,6 +371,7 @@ def domain_create(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu:
 @click.argument("name")
 @resource_options
 @click.option("--max-supervisors", type=int, default=None)
+@json_option
 @click.pass_obj
 def domain_configure(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu: int | None,
                      max_supervisors: int | None) -> None:
@@ -360,6 +385,7 @@ def domain_configure(ctx: Ctx, name: str, cpu: str | None, memory: str | None, g
 
 
 @domain.command("list")
+@json_option
 @click.pass_obj
 def domain_list(ctx: Ctx) -> None:
     """List the domains."""
@@ -369,6 +395,7 @@ def domain_list(ctx: Ctx) -> None:
 
 @domain.command("status")
 @click.argument("name")
+@json_option
 @click.pass_obj
 def domain_status(ctx: Ctx, name: str) -> None:
     """Show domain NAME: pool, policy, health and supervisors."""
@@ -379,6 +406,7 @@ def domain_status(ctx: Ctx, name: str) -> None:
 @domain.command("remove")
 @click.argument("name")
 @click.option("--drain", is_flag=True, help="Remove its supervisors (stopping their agents) first.")
+@json_option
 @click.pass_obj
 def domain_remove(ctx: Ctx, name: str, drain: bool) -> None:
     """Remove domain NAME (refused while it has supervisors, unless --drain)."""
@@ -400,6 +428,7 @@ def supervisor() -> None:
 @resource_options
 @click.option("--max-agents", type=int, default=None, help="Policy: most agents under this supervisor.")
 @click.option("--request-id", default="")
+@json_option
 @click.pass_obj
 def supervisor_create(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
                       gpu: int | None, max_agents: int | None, request_id: str) -> None:
@@ -419,6 +448,7 @@ def supervisor_create(ctx: Ctx, domain_name: str, name: str, cpu: str | None, me
 @click.argument("name")
 @resource_options
 @click.option("--max-agents", type=int, default=None)
+@json_option
 @click.pass_obj
 def supervisor_configure(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
                          gpu: int | None, max_agents: int | None) -> None:
@@ -433,6 +463,7 @@ def supervisor_configure(ctx: Ctx, domain_name: str, name: str, cpu: str | None,
 
 @supervisor.command("list")
 @click.argument("domain_name", metavar="DOMAIN")
+@json_option
 @click.pass_obj
 def supervisor_list(ctx: Ctx, domain_name: str) -> None:
     """List the supervisors of DOMAIN."""
@@ -443,6 +474,7 @@ def supervisor_list(ctx: Ctx, domain_name: str) -> None:
 @supervisor.command("status")
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("name")
+@json_option
 @click.pass_obj
 def supervisor_status(ctx: Ctx, domain_name: str, name: str) -> None:
     """Show supervisor NAME of DOMAIN: pool, policy, health and agents."""
@@ -454,6 +486,7 @@ def supervisor_status(ctx: Ctx, domain_name: str, name: str) -> None:
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("name")
 @click.option("--drain", is_flag=True, help="Stop its agents cleanly first.")
+@json_option
 @click.pass_obj
 def supervisor_remove(ctx: Ctx, domain_name: str, name: str, drain: bool) -> None:
     """Remove supervisor NAME of DOMAIN (refused while it has agents, unless --drain)."""
@@ -469,6 +502,7 @@ def supervisor_remove(ctx: Ctx, domain_name: str, name: str, drain: bool) -> Non
 @resource_options
 @click.option("--prefix", "name_prefix", default="sup", show_default=True, help="Names of added supervisors.")
 @click.option("--drain", is_flag=True, help="Allow removing supervisors that still have agents.")
+@json_option
 @click.pass_obj
 def supervisor_scale(ctx: Ctx, domain_name: str, delta: int, cpu: str | None, memory: str | None,
                      gpu: int | None, name_prefix: str, drain: bool) -> None:
@@ -495,6 +529,7 @@ def agent() -> None:
 @click.argument("name")
 @resource_options
 @click.option("--request-id", default="")
+@json_option
 @click.pass_obj
 def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu: str | None,
                 memory: str | None, gpu: int | None, request_id: str) -> None:
@@ -509,6 +544,7 @@ def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu
 @agent.command("stop")
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("name")
+@json_option
 @click.pass_obj
 def agent_stop(ctx: Ctx, domain_name: str, name: str) -> None:
     """Stop agent NAME of DOMAIN cleanly and release its resources."""
@@ -520,6 +556,7 @@ def agent_stop(ctx: Ctx, domain_name: str, name: str) -> None:
 @agent.command("list")
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("supervisor_name", metavar="SUPERVISOR")
+@json_option
 @click.pass_obj
 def agent_list(ctx: Ctx, domain_name: str, supervisor_name: str) -> None:
     """List the agents of SUPERVISOR in DOMAIN."""
@@ -530,6 +567,7 @@ def agent_list(ctx: Ctx, domain_name: str, supervisor_name: str) -> None:
 @agent.command("status")
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("name")
+@json_option
 @click.pass_obj
 def agent_status(ctx: Ctx, domain_name: str, name: str) -> None:
     """Show agent NAME of DOMAIN."""
@@ -543,6 +581,7 @@ def agent_status(ctx: Ctx, domain_name: str, name: str) -> None:
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write one file per workflow / update / query / signal into this directory.")
+@json_option
 @click.pass_obj
 def schema(ctx: Ctx, out: Path | None) -> None:
     """Export the JSON Schemas of every public workflow, Update, Query and signal (input and output)."""
@@ -558,7 +597,28 @@ def schema(ctx: Ctx, out: Path | None) -> None:
     _emit(ctx, index, lambda: f"wrote {len(entries)} schemas to {out}")
 
 
-def main() -> None:
-    """Console entry point."""
-    with contextlib.suppress(KeyboardInterrupt):
-        cli()
+def main(args: list[str] | None = None) -> None:
+    """Console entry point.
+
+    Ends the process with ``os._exit`` once output is flushed: the Temporal client's native threads
+    can crash the interpreter while it finalizes (temporalio/sdk-python#300, "PyGILState_Release:
+    thread state ... must be current"), turning a clean exit code into SIGSEGV or SIGABRT at random.
+    """
+    code = 0
+    try:
+        cli(args)
+    except SystemExit as e:
+        if isinstance(e.code, int):
+            code = e.code
+        elif e.code is not None:
+            click.echo(str(e.code), err=True)
+            code = 1
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
