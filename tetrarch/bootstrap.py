@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -74,26 +74,44 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "<root>"
 
 
+#: A domain entry as checked: its index in the file, the entry, and its supervisors with their indices.
+_Indexed = tuple[int, "DomainEntry", list[tuple[int, "SupervisorEntry"]]]
+
+
 def spec_problems(spec: HierarchySpec) -> list[str]:
     """Problems pydantic cannot see: names, duplicates, children larger than their parents."""
+    return _semantic_problems(spec.global_, [(i, d, list(enumerate(d.supervisors)))
+                                             for i, d in enumerate(spec.domains)])
+
+
+def _semantic_problems(g: GlobalEntry, domains: list[_Indexed],
+                       all_names: list[tuple[int, str]] | None = None) -> list[str]:
+    """Semantic checks over the entries that are well-formed, reported at their paths in the file.
+
+    ``all_names`` (index, name) of every domain entry, well-formed or not, for the duplicate check.
+    """
     problems: list[str] = []
+    names = all_names if all_names is not None else [(i, d.name) for i, d, _ in domains]
+    seen_domains: set[str] = set()
+    duplicates: dict[int, str] = {}
+    for i, name in names:
+        if name in seen_domains:
+            duplicates[i] = name
+        seen_domains.add(name)
 
     def fits(child: Resources, parent: Resources, where: str, what: str) -> None:
         for k, v in child.shortfall(parent).items():
             problems.append(f"{where}: {what} {k} {v}")
 
-    g = spec.global_
-    seen_domains: set[str] = set()
-    for i, d in enumerate(spec.domains):
+    for i, d, supervisors in domains:
         dp = f"domains[{i}]"
         if not is_valid_name(d.name):
             problems.append(f"{dp}.name: {d.name!r} is not a lowercase DNS label")
-        if d.name in seen_domains:
+        if duplicates.pop(i, None) is not None:
             problems.append(f"{dp}.name: domain {d.name!r} appears twice")
-        seen_domains.add(d.name)
         fits(d.resources, g.resources, f"{dp}.resources", "domain larger than the global pool:")
         seen_sups: set[str] = set()
-        for j, s in enumerate(d.supervisors):
+        for j, s in supervisors:
             sp = f"{dp}.supervisors[{j}]"
             if not is_valid_name(s.name):
                 problems.append(f"{sp}.name: {s.name!r} is not a lowercase DNS label")
@@ -107,28 +125,76 @@ def spec_problems(spec: HierarchySpec) -> list[str]:
             if s.policy.max_children is not None and s.agents > s.policy.max_children:
                 problems.append(f"{sp}.agents: {s.agents} agents exceed policy max_children "
                                 f"{s.policy.max_children}")
-        fits(total([s.resources for s in d.supervisors]), d.resources, f"{dp}.supervisors",
+        fits(total([s.resources for _, s in supervisors]), d.resources, f"{dp}.supervisors",
              "supervisors together exceed the domain:")
-        if d.policy.max_children is not None and len(d.supervisors) > d.policy.max_children:
-            problems.append(f"{dp}.supervisors: {len(d.supervisors)} exceed policy max_children "
+        if d.policy.max_children is not None and len(supervisors) > d.policy.max_children:
+            problems.append(f"{dp}.supervisors: {len(supervisors)} exceed policy max_children "
                             f"{d.policy.max_children}")
-    fits(total([d.resources for d in spec.domains]), g.resources, "domains",
+    problems += [f"domains[{i}].name: domain {name!r} appears twice" for i, name in duplicates.items()]
+    fits(total([d.resources for _, d, _ in domains]), g.resources, "domains",
          "domains together exceed the global pool:")
-    if g.policy.max_children is not None and len(spec.domains) > g.policy.max_children:
-        problems.append(f"domains: {len(spec.domains)} exceed global policy max_children "
+    if g.policy.max_children is not None and len(domains) > g.policy.max_children:
+        problems.append(f"domains: {len(domains)} exceed global policy max_children "
                         f"{g.policy.max_children}")
     return problems
+
+
+def _check_pieces(data: dict[str, Any]) -> list[str]:
+    """Validate each section on its own so that shape errors and semantic problems are all reported.
+
+    Every well-formed domain and supervisor still takes part in the semantic checks, so a file
+    with a negative CPU in one domain and a duplicate name in another lists both at once.
+    """
+    problems: list[str] = []
+
+    def check(model: type[_M], value: Any, prefix: str) -> _M | None:
+        try:
+            return model.model_validate(value)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = _path(err["loc"])
+                where = prefix if loc == "<root>" else (f"{prefix}.{loc}" if prefix else loc)
+                problems.append(f"{where or '<root>'}: {err['msg']}")
+            return None
+
+    head = check(HierarchySpec, {k: v for k, v in data.items() if k != "domains"}, "")
+    raw_domains = data.get("domains") or []
+    if not isinstance(raw_domains, list):
+        problems.append(f"domains: must be a list, not {type(raw_domains).__name__}")
+        raw_domains = []
+    domains: list[_Indexed] = []
+    names = [(i, raw["name"]) for i, raw in enumerate(raw_domains)
+             if isinstance(raw, dict) and isinstance(raw.get("name"), str)]
+    for i, raw in enumerate(raw_domains):
+        dp = f"domains[{i}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{dp}: must be a mapping, not {type(raw).__name__}")
+            continue
+        raw_sups = raw.get("supervisors") or []
+        d = check(DomainEntry, {k: v for k, v in raw.items() if k != "supervisors"}, dp)
+        if not isinstance(raw_sups, list):
+            problems.append(f"{dp}.supervisors: must be a list, not {type(raw_sups).__name__}")
+            raw_sups = []
+        sups = [(j, s) for j, raw_s in enumerate(raw_sups)
+                if (s := check(SupervisorEntry, raw_s, f"{dp}.supervisors[{j}]")) is not None]
+        if d is not None:
+            domains.append((i, d, sups))
+    if head is not None:
+        problems += _semantic_problems(head.global_, domains, names)
+    return problems
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def parse_bootstrap(data: Any, source: str = "<input>") -> HierarchySpec:
     """Validate already-parsed data; raise InvalidBootstrap listing every problem with its path."""
     try:
         spec = HierarchySpec.model_validate(data)
-    except ValidationError as e:
-        problems = [f"{_path(err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise InvalidBootstrap(f"{source} is not a valid hierarchy ({len(problems)} problem(s))",
-                               level="client", problems=problems) from None
-    problems = spec_problems(spec)
+        problems = spec_problems(spec)
+    except ValidationError:
+        problems = _check_pieces(data) if isinstance(data, dict) else [f"<root>: must be a mapping, not "
+                                                                        f"{type(data).__name__}"]
     if problems:
         raise InvalidBootstrap(f"{source} is not a valid hierarchy ({len(problems)} problem(s))",
                                level="client", problems=problems)

@@ -7,15 +7,17 @@ in pool ledgers). Users write quantities the Kubernetes way (``cpu: 2``, ``cpu: 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 _MEMORY_UNITS = {"": 1 / (1024 * 1024), "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024,
                  "K": 1000 / (1024 * 1024), "M": 1000**2 / 1024**2, "G": 1000**3 / 1024**2,
                  "T": 1000**4 / 1024**2}
-_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?)?B?\s*$")
+_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGT]i?)B?)?\s*$")  # a bare "B" (bytes) is refused
 _CPU_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(m?)\s*$")
 
 
@@ -24,6 +26,8 @@ def parse_cpu(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("cpu must be a number of cores or a quantity like '500m'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"cpu must be a finite number (got {value})")
         if value < 0:
             raise ValueError(f"cpu must not be negative (got {value})")
         return round(value * 1000)
@@ -41,6 +45,8 @@ def parse_memory(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("memory must be a quantity like '1Gi'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"memory must be a finite number (got {value})")
         if value < 0:
             raise ValueError(f"memory must not be negative (got {value})")
         return round(value)
@@ -82,14 +88,25 @@ class Resources(BaseModel):
         if not isinstance(data, dict) or ("cpu" not in data and "memory" not in data):
             return data
         out = dict(data)
-        if "cpu" in out:
-            if "cpu_millis" in out:
-                raise ValueError("give either 'cpu' or 'cpu_millis', not both")
-            out["cpu_millis"] = parse_cpu(out.pop("cpu"))
-        if "memory" in out:
-            if "memory_mib" in out:
-                raise ValueError("give either 'memory' or 'memory_mib', not both")
-            out["memory_mib"] = parse_memory(out.pop("memory"))
+        errors: list[InitErrorDetails] = []
+        for key, canonical, parse in (("cpu", "cpu_millis", parse_cpu), ("memory", "memory_mib", parse_memory)):
+            if key not in out:
+                continue
+            value = out.pop(key)
+            try:
+                if canonical in out:
+                    raise ValueError(f"give either {key!r} or {canonical!r}, not both")
+                out[canonical] = parse(value)
+            except ValueError as e:
+                # Report each bad quantity at its own path (``resources.cpu``), and all of them at once.
+                errors.append(InitErrorDetails(type="value_error", loc=(key,), input=value, ctx={"error": str(e)}))
+        if errors:
+            try:  # the other fields' problems too, so that every problem is reported at once
+                cls.model_validate(out)
+            except ValidationError as e:
+                errors += [InitErrorDetails(type=d["type"], loc=d["loc"], input=d["input"], ctx=d.get("ctx", {}))
+                           for d in e.errors()]
+            raise ValidationError.from_exception_data(cls.__name__, errors)
         return out
 
     @classmethod
