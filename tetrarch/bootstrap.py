@@ -261,6 +261,8 @@ def plan_bootstrap(spec: HierarchySpec, current: CurrentHierarchy) -> HierarchyP
         if child.resources != d.resources:
             plan.conflicts.append(f"domains[{i}].resources: domain {d.name!r} has {child.resources.human()}, "
                                   f"the file asks {d.resources.human()}")
+        if child.policy != d.policy:
+            plan.conflicts.append(f"domains[{i}].policy: differs from domain {d.name!r}'s policy in force")
         plan.unchanged.append(f"domain {d.name}")
         manager = current.managers.get(d.name)
         sups = {c.name: c for c in manager.children} if manager else {}
@@ -272,6 +274,9 @@ def plan_bootstrap(spec: HierarchySpec, current: CurrentHierarchy) -> HierarchyP
                 plan.conflicts.append(
                     f"domains[{i}].supervisors[{j}].resources: supervisor {d.name}/{s.name} has "
                     f"{existing.resources.human()}, the file asks {s.resources.human()}")
+            elif existing.policy != s.policy:
+                plan.conflicts.append(f"domains[{i}].supervisors[{j}].policy: differs from supervisor "
+                                      f"{d.name}/{s.name}'s policy in force")
             else:
                 plan.unchanged.append(f"supervisor {d.name}/{s.name}")
     return plan

@@ -335,7 +335,7 @@ class LevelState(BaseModel):
         """One child as this level sees it."""
         c = self.children[name]
         return ChildView(name=c.name, entity_id=self.child_entity_id(c.name), status=c.status,
-                         resources=c.resources, last_report=c.last_report)
+                         resources=c.resources, policy=c.policy, last_report=c.last_report)
 
     def health(self) -> Health:
         """Draining while being removed; degraded if anything below reports trouble."""

@@ -85,6 +85,7 @@ class ChildView(BaseModel):
     entity_id: str
     status: ChildStatus
     resources: Resources
+    policy: Policy = Field(default_factory=Policy)
     last_report: LevelSummary | None = None
 
 

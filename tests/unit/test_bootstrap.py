@@ -430,3 +430,13 @@ def test_plan_policy_only_difference_is_a_conflict(default_spec):
         update={"policy": Policy(max_children=10, version=2)})})
     plan = plan_bootstrap(default_spec, current_of(other))
     assert [c.split(": ", 1)[0] for c in plan.conflicts] == ["global.policy"]
+
+
+def test_plan_reports_domain_and_supervisor_policy_conflicts():
+    spec = parse_bootstrap({"domains": [{"name": "a", "supervisors": [{"name": "s"}]}]})
+    current = current_of(spec)
+    changed = parse_bootstrap({"domains": [{"name": "a", "policy": {"max_children": 3},
+                                            "supervisors": [{"name": "s", "policy": {"max_children": 2}}]}]})
+    plan = plan_bootstrap(changed, current)
+    assert [c.split(": ", 1)[0] for c in plan.conflicts] == ["domains[0].policy", "domains[0].supervisors[0].policy"]
+    assert plan_bootstrap(spec, current).conflicts == []
