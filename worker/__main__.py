@@ -1,6 +1,8 @@
 """``python -m worker --level LEVEL``: the same as ``tetrarch worker``."""
 
-from tetrarch_cli.main import cli
+import sys
+
+from tetrarch_cli.main import main
 
 if __name__ == "__main__":
-    cli(["worker", *__import__("sys").argv[1:]])
+    main(["worker", *sys.argv[1:]])

@@ -17,6 +17,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from tetrarch.names import Level, TaskQueues
+from worker.connect import with_project_failures
 from worker.registry import WORKFLOWS_BY_LEVEL, activities_for
 
 #: Modules the workflow sandbox passes through instead of re-importing per workflow run: they are
@@ -39,8 +40,17 @@ def parse_levels(level: str) -> list[Level]:
 
 def build_workers(client: Client, levels: Sequence[Level], prefix: str = "",
                   max_concurrent_activities: int = 200) -> list[Worker]:
-    """One worker per level, each on its own task queue."""
+    """One worker per level, each on its own task queue.
+
+    The workers use the project's failure converter whatever client they are given, so bad input
+    fails workflows and activities for good (see :class:`~worker.connect.ValidationFailureConverter`).
+    """
     queues = TaskQueues(prefix)
+    converter = with_project_failures(client.data_converter)
+    if converter is not client.data_converter:
+        config = client.config()
+        config["data_converter"] = converter
+        client = Client(**config)
     return [
         Worker(client, task_queue=queues.for_level(level), workflows=list(WORKFLOWS_BY_LEVEL[level]),
                activities=activities_for(level, client), workflow_runner=workflow_runner(),

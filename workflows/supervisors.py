@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.errors import HasChildren, InvalidRequest
+    from tetrarch.errors import CapacityExceeded, HasChildren, InvalidRequest, LimitExceeded
     from tetrarch.level import LevelState
-    from tetrarch.models import ChildView, LevelRef
+    from tetrarch.models import ChildStatus, LevelRef, LevelView
     from tetrarch.names import Level, is_valid_name
     from tetrarch.operations import (
         ConfigureSupervisorRequest,
@@ -23,10 +24,19 @@ with workflow.unsafe.imports_passed_through():
         StopAgentRequest,
         SupervisorResult,
     )
+    from tetrarch.resources import total
 
 from workflows import steps
 from workflows.agents import StopAgentWorkflow
-from workflows.common import DOMAIN_KEY, OPERATION_KEY, SUPERVISOR_KEY, queues, to_application_error
+from workflows.common import (
+    DOMAIN_KEY,
+    OPERATION_KEY,
+    SUPERVISOR_KEY,
+    Saga,
+    queues,
+    reraise,
+    to_application_error,
+)
 from workflows.level_ops import configure_level, create_level, remove_level, request_id
 
 _FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]
@@ -88,7 +98,7 @@ class RemoveSupervisorWorkflow:
 class ScaleSupervisorsWorkflow:
     """Add or remove N supervisors in a domain.
 
-    Adding names them ``<prefix>-<n>`` after the highest number in use. Removing picks the
+    Adding names them ``<prefix>-<n>`` with the lowest numbers not in use. Removing picks the
     supervisors with the fewest agents; without ``drain`` only empty ones qualify, and if too few
     are empty the whole request is refused before anything is removed.
     """
@@ -114,29 +124,72 @@ class ScaleSupervisorsWorkflow:
                 if candidate not in taken:
                     names.append(candidate)
                 n += 1
-            await asyncio.gather(*(workflow.execute_child_workflow(
+            # All or nothing: refuse what cannot fit before creating any, and undo the ones created
+            # if another still fails (a concurrent change), so a refusal never leaves a partial scale.
+            _check_room(view, req)
+            outcomes = await asyncio.gather(*(workflow.execute_child_workflow(
                 CreateSupervisorWorkflow.run,
                 CreateSupervisorRequest(domain=req.domain, name=name, resources=req.resources,
                                         policy=req.policy, request_id=f"{rid}/{name}"),
-                id=f"{wf_id}/create/{name}") for name in names))
+                id=f"{wf_id}/create/{name}") for name in names), return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            if failed:
+                saga = Saga()
+                for name, o in zip(names, outcomes, strict=True):
+                    if isinstance(o, SupervisorResult) and o.created:
+                        saga.add(f"remove {name}", _remover(req.domain, name, f"{rid}/{name}/undo",
+                                                            f"{wf_id}/undo/{name}"))
+                await saga.compensate()
+                reraise(failed[0])
             return ScaleResult(domain=req.domain, added=names)
 
-        def agents_of(c: ChildView) -> int:
-            return sum(c.last_report.agents_by_status.values()) if c.last_report else 0
-
-        active = [c for c in view.children if c.status.value == "active"]
-        candidates = sorted(active if req.drain else [c for c in active if agents_of(c) == 0],
-                            key=lambda c: (agents_of(c), c.name))
+        # Decide on what each supervisor holds now, not on its last report (which may predate a spawn).
+        active = [c.name for c in view.children if c.status is ChildStatus.ACTIVE]
+        views = await asyncio.gather(*(steps.describe_level(LevelRef.supervisor(req.domain, name))
+                                       for name in active))
+        load = {v.name: len(v.children) for v in views}
+        candidates = sorted(active if req.drain else [name for name in active if load[name] == 0],
+                            key=lambda name: (load[name], name))
         want = -req.delta
         if len(candidates) < want:
             raise to_application_error(HasChildren(
                 f"domain {req.domain!r} has only {len(candidates)} supervisor(s) that can be removed "
                 f"{'' if req.drain else 'without draining '}but {want} were asked",
                 level=Level.MANAGER.value, entity=view.id,
-                data={"removable": [c.name for c in candidates]}))
-        chosen = [c.name for c in candidates[:want]]
-        await asyncio.gather(*(workflow.execute_child_workflow(
+                data={"removable": candidates}))
+        chosen = candidates[:want]
+        # Let every removal finish (a failed parent would terminate its running children half-way).
+        removals = await asyncio.gather(*(workflow.execute_child_workflow(
             RemoveSupervisorWorkflow.run,
             RemoveSupervisorRequest(domain=req.domain, name=name, drain=req.drain, request_id=f"{rid}/{name}"),
-            id=f"{wf_id}/remove/{name}") for name in chosen))
+            id=f"{wf_id}/remove/{name}") for name in chosen), return_exceptions=True)
+        for outcome in removals:
+            if isinstance(outcome, BaseException):
+                reraise(outcome)
         return ScaleResult(domain=req.domain, removed=chosen)
+
+
+def _check_room(view: LevelView, req: ScaleSupervisorsRequest) -> None:
+    """Refuse a scale-up that the domain's free pool or its max_children cannot take whole."""
+    needed = total([req.resources] * req.delta)
+    short = needed.shortfall(view.pool.free)
+    if short:
+        raise to_application_error(CapacityExceeded(
+            f"{view.scope} cannot carve {req.delta} supervisor(s) of {req.resources.human()}: "
+            + "; ".join(f"{k} {v}" for k, v in short.items()),
+            level=Level.MANAGER.value, entity=view.id, problems=[f"{k}: {v}" for k, v in short.items()]))
+    limit = view.policy.max_children
+    if limit is not None and len(view.children) + req.delta > limit:
+        raise to_application_error(LimitExceeded(
+            f"{view.scope} admits at most {limit} supervisors (policy v{view.policy.version} max_children); "
+            f"it has {len(view.children)} and {req.delta} were asked",
+            level=Level.MANAGER.value, entity=view.id))
+
+
+def _remover(domain: str, name: str, rid: str, wf_id: str) -> Callable[[], Awaitable[object]]:
+    """Compensation of a supervisor created by a scale-up that failed as a whole."""
+    async def undo() -> object:
+        return await workflow.execute_child_workflow(
+            RemoveSupervisorWorkflow.run, RemoveSupervisorRequest(domain=domain, name=name, request_id=rid),
+            id=wf_id)
+    return undo

