@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -22,9 +23,10 @@ import click
 from pydantic import BaseModel, ValidationError
 
 from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
-from tetrarch.errors import TetrarchError
+from tetrarch.errors import NotFound, TetrarchError
 from tetrarch.names import Level
 from tetrarch.operations import (
+    ApplyResult,
     ConfigureDomainRequest,
     ConfigureSupervisorRequest,
     CreateDomainRequest,
@@ -50,6 +52,7 @@ T = TypeVar("T")
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 class Ctx:
@@ -176,8 +179,9 @@ def cli(ctx: click.Context, address: str | None, namespace: str, prefix: str, as
 
 
 @cli.command()
-@click.option("--file", "file_", type=click.Path(path_type=Path), default=DEFAULT_BOOTSTRAP,
-              show_default="the seed's example layout", help="Hierarchy file (YAML or JSON) to apply.")
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
+              help="Hierarchy file (YAML or JSON) to apply. Without it, the seed's example layout is applied "
+                   "on first start only, and an existing hierarchy is kept as it is.")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path(".tetrarch"), show_default=True,
               help="Where the embedded server keeps its SQLite file and log.")
 @click.option("--port", type=int, default=7233, show_default=True, help="Embedded server gRPC port.")
@@ -187,37 +191,46 @@ def cli(ctx: click.Context, address: str | None, namespace: str, prefix: str, as
 @click.option("--exit-after-apply", is_flag=True, help="Stop everything once the hierarchy is applied.")
 @json_option
 @click.pass_obj
-def up(ctx: Ctx, file_: Path, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
+def up(ctx: Ctx, file_: Path | None, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
        exit_after_apply: bool) -> None:
     """Start the embedded Temporal server (unless --address names one), the four level workers and the
-    hierarchy from --file; print the Web UI's address; run until interrupted."""
+    hierarchy (from --file, else the seed's layout on first start); print the Web UI's address; run until
+    interrupted."""
     try:
-        spec = load_bootstrap(file_)
+        spec = load_bootstrap(file_ or DEFAULT_BOOTSTRAP)
     except TetrarchError as e:
         _fail(ctx, EXIT_USAGE, e.code, str(e), e.problems)
     try:
-        asyncio.run(_up(ctx, spec, state_dir, port, ui_port, ip, no_workers, exit_after_apply))
+        asyncio.run(_up(ctx, spec, state_dir, port, ui_port, ip, no_workers, exit_after_apply,
+                        only_if_new=file_ is None))
     except ServerError as e:
         _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
     except ConnectionError as e:
         _fail(ctx, EXIT_UNREACHABLE, "Unreachable", str(e))
     except TetrarchError as e:
         _fail(ctx, EXIT_REFUSED, e.code, str(e), e.problems, e.level)
+    except Interrupted:
+        _fail(ctx, EXIT_INTERRUPTED, "Interrupted", "stopped before the hierarchy was applied; an apply "
+              "already started completes on the server once workers run")
 
 
 async def _up(ctx: Ctx, spec: HierarchySpec, state_dir: Path, port: int, ui_port: int, ip: str, no_workers: bool,
-              exit_after_apply: bool) -> None:
+              exit_after_apply: bool, only_if_new: bool = False) -> None:
+    # Signals are handled from the start: Ctrl-C or SIGTERM while the server starts or the hierarchy
+    # is being applied (which waits for workers, forever with --no-workers and none elsewhere) must
+    # still stop everything, and never leave the server process behind.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     server = None
     if ctx.address:
         address, ui = ctx.address, None
     else:
         config = ServerConfig(state_dir=state_dir, ip=ip, port=port, ui_port=ui_port, namespace=ctx.namespace)
-        server = await start_server(config)
+        server = await _unless_stopped(stop, start_server(config))
         address, ui = config.address, config.ui_url
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    worker_task = None
     try:
         try:
             client = await connect(address, ctx.namespace)
@@ -225,12 +238,11 @@ async def _up(ctx: Ctx, spec: HierarchySpec, state_dir: Path, port: int, ui_port
             raise ConnectionError(f"cannot reach Temporal at {address} ({e}); check --address / "
                                   "TEMPORAL_ADDRESS, or leave it unset to start the embedded server") from e
         await ensure_search_attributes(client, ctx.namespace)
-        worker_task = None
         if not no_workers:
             worker_task = asyncio.create_task(run_workers(client, list(Level), ctx.prefix, stop))
         tc = TetrarchClient(client, ctx.prefix)
-        applied = await tc.apply(spec)
-        status = await _settled_status(tc, spec)
+        applied, expected = await _unless_stopped(stop, _apply_or_keep(tc, spec, only_if_new))
+        status = await _unless_stopped(stop, _settled_status(tc, expected))
         ready = {"address": address, "namespace": ctx.namespace, "ui": ui,
                  "ui_workflows": f"{ui}/namespaces/{ctx.namespace}/workflows" if ui else None,
                  "state_dir": str(state_dir) if server else None, "applied": applied.model_dump(),
@@ -251,9 +263,53 @@ async def _up(ctx: Ctx, spec: HierarchySpec, state_dir: Path, port: int, ui_port
         stop.set()
         if worker_task is not None:
             await worker_task
+    except BaseException:
+        # Refused, interrupted or failed before ready: stop the workers while the server still runs
+        # (a worker cannot shut down against a server that is gone: it would retry forever).
+        stop.set()
+        if worker_task is not None:
+            await worker_task
+        raise
     finally:
         if server is not None:
             server.stop()
+
+
+async def _apply_or_keep(tc: TetrarchClient, spec: HierarchySpec,
+                         only_if_new: bool) -> tuple[ApplyResult, HierarchySpec]:
+    """Apply ``spec``; with ``only_if_new``, keep an existing hierarchy as it is (it may have been
+    changed since the first start, and the default layout must not fight those changes).
+
+    Returns what was applied and the hierarchy the status should settle on.
+    """
+    if only_if_new:
+        try:
+            existing = await tc.list_domains()
+        except NotFound:
+            pass
+        else:
+            return ApplyResult(unchanged=["orchestrator"] + [f"domain {c.name}" for c in existing]), HierarchySpec()
+    return await tc.apply(spec), spec
+
+
+class Interrupted(Exception):
+    """A stop signal arrived before ``up`` was ready."""
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
+    """Await ``work``, unless ``stop`` is set first: then cancel it and raise :class:`Interrupted`."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise Interrupted
+    return task.result()
 
 
 async def _settled_status(tc: TetrarchClient, spec: HierarchySpec, attempts: int = 50) -> SystemStatus:
@@ -604,6 +660,8 @@ def main(args: list[str] | None = None) -> None:
     can crash the interpreter while it finalizes (temporalio/sdk-python#300, "PyGILState_Release:
     thread state ... must be current"), turning a clean exit code into SIGSEGV or SIGABRT at random.
     """
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code = 0
     try:
         cli(args)

@@ -145,6 +145,17 @@ async def start_server(config: ServerConfig, startup_timeout: float = 60.0) -> E
                               "server with --address / TEMPORAL_ADDRESS")
     process = _spawn(config)
     server = EmbeddedServer(config, process)
+    try:
+        await _wait_ready(server, startup_timeout)
+    except BaseException:  # cancelled (Ctrl-C) or failed: never leave the process behind
+        server.stop()
+        raise
+    return server
+
+
+async def _wait_ready(server: EmbeddedServer, startup_timeout: float) -> None:
+    """Return once the server answers a health check; raise ServerError if it exits or never does."""
+    config, process = server.config, server.process
     deadline = time.monotonic() + startup_timeout
     while True:
         if process.poll() is not None:
@@ -154,7 +165,7 @@ async def start_server(config: ServerConfig, startup_timeout: float = 60.0) -> E
             try:
                 client = await Client.connect(config.address, namespace=config.namespace)
                 await client.service_client.check_health()
-                return server
+                return
             except Exception:
                 pass
         if time.monotonic() > deadline:

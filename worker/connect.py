@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import pydantic
@@ -11,6 +12,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverter, PayloadConverter
 from temporalio.exceptions import ApplicationError
+from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
@@ -49,6 +51,24 @@ def address_from_env() -> str | None:
     return os.environ.get("TEMPORAL_ADDRESS") or None
 
 
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process's Temporal runtime, forwarding the SDK core's log lines to Python logging.
+
+    Without this the core writes its warnings (retries while a server is away, for instance) to
+    stdout, where they would mix with the command line's JSON output; forwarded, they go wherever
+    Python logging goes (stderr for the command line).
+    """
+    global _runtime  # noqa: PLW0603 - one runtime per process, created on first use
+    if _runtime is None:
+        _runtime = Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")))))
+    return _runtime
+
+
 async def connect(address: str, namespace: str = DEFAULT_NAMESPACE) -> Client:
     """A client that speaks pydantic models (DESIGN.md decision 9)."""
-    return await Client.connect(address, namespace=namespace, data_converter=DATA_CONVERTER)
+    return await Client.connect(address, namespace=namespace, data_converter=DATA_CONVERTER, runtime=runtime())
