@@ -17,6 +17,7 @@ from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from tests.conftest import domain_name
+from tests.workflow.helpers import res
 from tetrarch.level import ChildRef, ConfigureLevel, LevelState, ReconfigureChild, RegisterChild
 from tetrarch.models import LevelView, PoolView
 from tetrarch.names import Level, manager_id, supervisor_id
@@ -28,10 +29,6 @@ from workflows.levels import ENTITY_RUN, ManagementEntity
 
 CAN_AFTER = 5
 
-
-def res(cpu: int, gib: int | None = None) -> Resources:
-    """``cpu`` cores and ``gib`` GiB (default: as many GiB as cores)."""
-    return Resources.of(cpu=cpu, memory=f"{cpu if gib is None else gib}Gi")
 
 
 async def start_entity(client: Client, prefix: str, level: Level, d: str, capacity: Resources) -> tuple[str, str]:

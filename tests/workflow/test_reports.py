@@ -7,13 +7,12 @@ Visibility is eventually consistent too, so list queries are polled the same way
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio.client import Client
 
 from tests.conftest import domain_name
+from tests.workflow.helpers import eventually, res
 from tetrarch.models import ChildView, LevelRef, LevelSummary, LevelView, ResourceTotals
 from tetrarch.names import Level, SearchAttr
 from tetrarch.operations import (
@@ -27,29 +26,14 @@ from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
 from workflows.common import AGENT_STATUS_KEY, DOMAIN_KEY, LEVEL_KEY, OPERATION_KEY, SUPERVISOR_KEY
 
-T = TypeVar("T")
-
 #: Query name of the level tag ("level" alone is a keyword of the visibility query language).
 LEVEL = SearchAttr.LEVEL
 
-
-def res(cpu: int, gib: int | None = None) -> Resources:
-    """``cpu`` cores and ``gib`` GiB (default: as many GiB as cores)."""
-    return Resources.of(cpu=cpu, memory=f"{cpu if gib is None else gib}Gi")
 
 
 def totals(capacity: Resources, granted: Resources) -> ResourceTotals:
     return ResourceTotals(capacity=capacity, granted=granted)
 
-
-async def eventually(read: Callable[[], Awaitable[T]], ok: Callable[[T], bool], within: float = 10.0) -> T:
-    """Read until ``ok`` holds or the time is up; return the last value read (the caller asserts)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        value = await read()
-        if ok(value) or asyncio.get_running_loop().time() > deadline:
-            return value
-        await asyncio.sleep(0.1)
 
 
 def figures(report: LevelSummary | None) -> dict[str, Any] | None:
