@@ -69,14 +69,15 @@ async def update(client: Client, target: LevelRef, method: Any, arg: Any, result
     return result  # type: ignore[no-any-return]
 
 
-async def query(client: Client, target: LevelRef, method: Any, result_type: type[R]) -> R:
-    """Query a running entity; a missing or closed entity is NotFound."""
+async def query(client: Client, target: LevelRef, method: Any, result_type: type[R], arg: Any = None) -> R:
+    """Query a running entity (with ``arg`` if the query takes one); a missing or closed entity is NotFound."""
     handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
     try:
         desc = await handle.describe()
         if desc.status is None or desc.status.name != "RUNNING":
             raise not_found(target)
-        result = await handle.query(method, result_type=result_type)
+        result = await (handle.query(method, arg, result_type=result_type) if arg is not None
+                        else handle.query(method, result_type=result_type))
     except (RPCError, WorkflowQueryFailedError) as e:
         raise translate(e, target) from e
     return result  # type: ignore[no-any-return]

@@ -14,18 +14,24 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from activities.calls import domain_error, query, update
 from tetrarch.bootstrap import CurrentHierarchy
 from tetrarch.calls import (
+    AdmitCall,
     ChildCall,
     ConfigureCall,
+    JudgeCall,
     ReadHierarchy,
     ReconfigureChildCall,
     RegisterChildCall,
+    ReleaseCall,
     RemovalCall,
+    SetPolicyCall,
 )
+from tetrarch.decisions import Verdict
 from tetrarch.errors import Conflict, NotFound
-from tetrarch.level import ChildLookup, ReconfigureResult, RegisterResult, RemovalPlan, UnregisterResult
+from tetrarch.level import AdmitResult, ChildLookup, ReconfigureResult, RegisterResult, RemovalPlan, UnregisterResult
 from tetrarch.models import ChildView, LevelRef, LevelView
 from tetrarch.names import Level
 from tetrarch.operations import LevelInput
+from tetrarch.policy import Policy
 from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
 from workflows.levels import ENTITY_RUN, ManagementEntity
 
@@ -115,6 +121,29 @@ class LevelActivities:
         """Close the (empty, removing) target; its workflow completes."""
         return await update(self.client, call.target, ManagementEntity.close, call.request,
                             LevelView, call.request.request_id)
+
+    @activity.defn
+    async def admit_agents(self, call: AdmitCall) -> AdmitResult:
+        """Judge and count agents in at the target level."""
+        return await update(self.client, call.target, ManagementEntity.admit_agents, call.request,
+                            AdmitResult, call.request.request_id)
+
+    @activity.defn
+    async def release_agents(self, call: ReleaseCall) -> AdmitResult:
+        """Count agents out at the target level."""
+        return await update(self.client, call.target, ManagementEntity.release_agents, call.request,
+                            AdmitResult, call.request.request_id)
+
+    @activity.defn
+    async def set_policy(self, call: SetPolicyCall) -> Policy:
+        """Replace the target level's policy."""
+        return await update(self.client, call.target, ManagementEntity.set_policy, call.request,
+                            Policy, call.request.request_id)
+
+    @activity.defn
+    async def judge(self, call: JudgeCall) -> Verdict:
+        """The target level's verdict on an operation (a Query: nothing changes)."""
+        return await query(self.client, call.target, ManagementEntity.judge, Verdict, arg=call.check)
 
     @activity.defn
     async def read_hierarchy(self, req: ReadHierarchy) -> CurrentHierarchy:

@@ -9,7 +9,17 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from tetrarch.agent import StopAgent
-from tetrarch.level import BeginRemoval, ChildRef, ConfigureLevel, ReconfigureChild, RegisterChild
+from tetrarch.decisions import PolicyCheck
+from tetrarch.level import (
+    AdmitAgents,
+    BeginRemoval,
+    ChildRef,
+    ConfigureLevel,
+    ReconfigureChild,
+    RegisterChild,
+    ReleaseAgents,
+    SetPolicy,
+)
 from tetrarch.models import LevelRef
 
 
@@ -59,3 +69,31 @@ class ReadHierarchy(BaseModel):
     """Read the orchestrator and the managers of these domains."""
 
     domains: list[str]
+
+
+class AdmitCall(BaseModel):
+    """Count agents in at ``target``, judged by its policy."""
+
+    target: LevelRef
+    request: AdmitAgents
+
+
+class ReleaseCall(BaseModel):
+    """Count agents out at ``target``."""
+
+    target: LevelRef
+    request: ReleaseAgents
+
+
+class SetPolicyCall(BaseModel):
+    """Replace ``target``'s policy."""
+
+    target: LevelRef
+    request: SetPolicy
+
+
+class JudgeCall(BaseModel):
+    """Ask ``target`` for its verdict on an operation."""
+
+    target: LevelRef
+    check: PolicyCheck

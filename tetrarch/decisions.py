@@ -13,12 +13,13 @@ policy is never judged by a decision made under the old one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from functools import cached_property
 from math import floor
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from tetrarch.policy import ADDS_AGENTS, LOADS_IMAGE, TAKES_RESOURCES, OperationType, Policy
 from tetrarch.resources import Resources, format_cpu, format_memory
@@ -73,6 +74,13 @@ class PolicyCheck(BaseModel):
     def __hash__(self) -> int:
         """Hashed once: a check is the cache's key, and pydantic would hash every field on every lookup."""
         return self._hash
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy, with the cached hash dropped: pydantic copies ``__dict__``, and a changed copy would keep the
+        original's hash (equal checks with different hashes miss the cache)."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("_hash", None)
+        return copied
 
 
 class Verdict(BaseModel):
@@ -250,8 +258,10 @@ class CacheStats(BaseModel):
     size: int = 0
     ttl_seconds: float = 0.1
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def hit_rate(self) -> float:
+        """Hits over all lookups (0 before the first)."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
@@ -361,6 +371,76 @@ def effective(chain: list[ChainLink]) -> EffectivePolicy:
     return eff
 
 
+_ANY, _STAR = object(), object()
+
+
+def _glob_tokens(pattern: str) -> list[object]:
+    """``pattern`` as fnmatch reads it: literal characters, ``_ANY`` (``?`` or any ``[...]`` class, one
+    character) and ``_STAR``. Reading a class as "any one character" over-approximates what it matches."""
+    out: list[object] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] is not _STAR:
+                out.append(_STAR)
+        elif c == "?":
+            out.append(_ANY)
+        elif c == "[":
+            j = i  # the closing bracket, found the way fnmatch.translate finds it
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("[")  # unclosed: a literal bracket
+            else:
+                out.append(_ANY)
+                i = j + 1
+        else:
+            out.append(c)
+    return out
+
+
+def _pattern_within(child: str, parent: str) -> bool:
+    """True only if every name ``child`` matches is matched by ``parent`` (sound, not complete: doubtful
+    cases count as outside, so a child can never widen its parent's images by a pattern trick).
+
+    Matching the child pattern as a plain string against the parent's (``fnmatchcase(child, parent)``)
+    is not sound: the parent's ``[!a]`` or ``[*]`` matches the child's ``*`` as a literal character.
+    """
+    if not any(ch in child for ch in "*?["):
+        return fnmatchcase(child, parent)  # a plain name: exact
+    if child == parent:
+        return True
+    if "[" in parent:
+        return False  # classes in the parent: only the identical pattern is known to be within
+    c, p = _glob_tokens(child), _glob_tokens(parent)
+    memo: dict[tuple[int, int], bool] = {}
+
+    def within(i: int, j: int) -> bool:  # is c[i:] within p[j:]?
+        if (i, j) not in memo:
+            if i == len(c):
+                result = all(t is _STAR for t in p[j:])
+            elif j == len(p):
+                result = False
+            elif p[j] is _STAR:  # the parent's star matches nothing here, or swallows the child's token
+                result = within(i, j + 1) or within(i + 1, j)
+            elif c[i] is _STAR:
+                result = False
+            elif p[j] is _ANY or (c[i] is not _ANY and c[i] == p[j]):
+                result = within(i + 1, j + 1)
+            else:
+                result = False
+            memo[(i, j)] = result
+        return memo[(i, j)]
+
+    return within(0, 0)
+
+
 def conflicts(child: Policy, child_capacity: Resources, parent: EffectivePolicy) -> list[str]:
     """Every way ``child`` would loosen what its ancestors enforce (empty: it only tightens or inherits).
 
@@ -371,12 +451,16 @@ def conflicts(child: Policy, child_capacity: Resources, parent: EffectivePolicy)
         out.append(f"max_agents: {child.max_agents} is above the {parent.max_agents} allowed above it")
     own_cap = _agent_cap(ChainLink(level="child", entity="", policy=child, capacity=child_capacity))
     if own_cap is not None and parent.max_agent_resources is not None:
+        # A component the child leaves unlimited (a share of some other resource only) inherits: no conflict.
+        unset = {k for k, v in (("cpu", own_cap.cpu_millis), ("memory", own_cap.memory_mib), ("gpu", own_cap.gpu))
+                 if v >= UNBOUNDED}
         for k, v in own_cap.shortfall(parent.max_agent_resources).items():
-            out.append(f"agent: lets one agent have more {k} than allowed above it ({v})")
+            if k not in unset:
+                out.append(f"agent: lets one agent have more {k} than allowed above it ({v})")
     if child.allowed_operations is not None:
-        beyond = child.allowed_operations - (parent.allowed_operations if parent.allowed_operations is not None
-                                             else child.allowed_operations)
-        beyond |= child.allowed_operations & parent.denied_operations
+        allows = child.allowed_operations - child.denied_operations  # what the child itself denies it does not allow
+        beyond = allows - (parent.allowed_operations if parent.allowed_operations is not None else allows)
+        beyond |= allows & parent.denied_operations
         for op in sorted(beyond):
             out.append(f"allowed_operations: allows {op.value}, which is not allowed above it")
     for name, mine, theirs in (("messaging.send_to", child.messaging.send_to, parent.send_to),
@@ -388,7 +472,7 @@ def conflicts(child: Policy, child_capacity: Resources, parent: EffectivePolicy)
     if child.images.allowed_images is not None:
         for pattern in sorted(child.images.allowed_images):
             for parent_set in parent.image_patterns:
-                if not any(fnmatchcase(pattern, p) for p in parent_set):
+                if not any(_pattern_within(pattern, p) for p in parent_set):
                     out.append(f"images.allowed_images: {pattern!r} is not within what is allowed above it")
                     break
     if child.evolution.allowed is True and not parent.evolution_allowed:
@@ -412,9 +496,18 @@ def judge_accept(check: PolicyCheck, link: ChainLink) -> Verdict:
 
 
 def evaluate_message(check: PolicyCheck, sender: list[ChainLink], receiver: list[ChainLink]) -> Decision:
-    """A cross-domain message, judged as the seed's example 2: the sender's chain top-down, then the
-    receiver's levels below the shared orchestrator (their ``accept_from`` and operation rules)."""
-    verdicts = [judge_static(check, link) for link in sender]
+    """A cross-domain message, judged as the seed's example 2: the sender's chain top-down (with the
+    ``accept_from`` of the levels shared with the receiver), then the receiver's levels below the shared
+    orchestrator (their ``accept_from`` and operation rules)."""
+    receiving = {link.entity for link in receiver}
+    verdicts = []
+    for link in sender:
+        v = judge_static(check, link)
+        if v.allowed and link.entity in receiving:
+            # A level over both domains (the orchestrator): its accept_from binds every domain below it, the
+            # receiver's too, as effective() combines it; skipping it here would let it go unenforced.
+            v = judge_accept(check, link)
+        verdicts.append(v)
     shared = {link.entity for link in sender}
     for link in receiver:
         if link.entity in shared:
@@ -423,3 +516,20 @@ def evaluate_message(check: PolicyCheck, sender: list[ChainLink], receiver: list
         verdicts.append(v if not v.allowed else judge_static(check.model_copy(update={"target_domain": None}),
                                                              link))
     return _decide(verdicts)
+
+
+def agents_refused(link: ChainLink, agents: Sequence[tuple[str, Resources]]) -> list[str]:
+    """The running agents ``link``'s policy would not admit now: too large for its per-agent cap, or
+    beyond its max_agents (the most recent ones in the order given), each with the reason."""
+    out: list[str] = []
+    cap = _agent_cap(link)
+    if cap is not None:
+        for name, resources in agents:
+            short = resources.shortfall(cap)
+            if short:
+                out.append(f"{name}: holds more than the {cap_human(cap)} cap ("
+                           + "; ".join(f"{k} {v}" for k, v in short.items()) + ")")
+    limit = link.policy.max_agents
+    if limit is not None and len(agents) > limit:
+        out += [f"{name}: beyond max_agents {limit}" for name, _ in agents[limit:]]
+    return out

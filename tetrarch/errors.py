@@ -84,6 +84,18 @@ class LimitExceeded(TetrarchError):
     code = "LimitExceeded"
 
 
+class PolicyDenied(TetrarchError):
+    """A level's policy refuses the operation; ``data`` names the rule (and ``level`` the deciding level)."""
+
+    code = "PolicyDenied"
+
+
+class PolicyConflict(TetrarchError):
+    """A policy that would loosen what the levels above enforce; ``problems`` lists every conflict."""
+
+    code = "PolicyConflict"
+
+
 class InvalidBootstrap(TetrarchError):
     """A bootstrap file is malformed; ``problems`` lists every error with its path in the file."""
 
@@ -92,7 +104,8 @@ class InvalidBootstrap(TetrarchError):
 
 ERROR_TYPES: dict[str, type[TetrarchError]] = {
     cls.code: cls for cls in (TetrarchError, NotFound, Conflict, HasChildren, InvalidRequest,
-                              CapacityExceeded, LimitExceeded, InvalidBootstrap)
+                              CapacityExceeded, LimitExceeded, InvalidBootstrap, PolicyDenied,
+                              PolicyConflict)
 }
 
 

@@ -13,7 +13,16 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from tetrarch.errors import CapacityExceeded, Conflict, HasChildren, InvalidRequest, LimitExceeded, NotFound
+from tetrarch.decisions import CacheStats, ChainLink, DecisionCache, PolicyChain, PolicyCheck, Verdict, evaluate
+from tetrarch.errors import (
+    CapacityExceeded,
+    Conflict,
+    HasChildren,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    PolicyDenied,
+)
 from tetrarch.models import (
     AgentStatus,
     ChildStatus,
@@ -48,6 +57,42 @@ class RegisterChild(BaseModel):
     resources: Resources | None = Field(
         default=None, description="The child's slice; agents default to the policy's agent default.")
     policy: Policy = Field(default_factory=Policy)
+    check: PolicyCheck | None = Field(
+        default=None, description="For agents: the operation, judged by this level's policy before admission.")
+
+
+class AdmitAgents(BaseModel):
+    """Count agents in at a level, judged by that level's own policy (its rules and its live count).
+
+    Keys are ``<domain>/<agent>``; admitting a key already counted is a no-op, so a retried step never
+    counts twice.
+    """
+
+    request_id: str = ""
+    agents: list[str]
+    check: PolicyCheck
+
+
+class ReleaseAgents(BaseModel):
+    """Count agents out again (stop, or compensation of an admission). Unknown keys are ignored."""
+
+    request_id: str = ""
+    agents: list[str]
+
+
+class AdmitResult(BaseModel):
+    """The level's verdict, the keys this request counted in (to undo exactly those), the count after."""
+
+    verdict: Verdict
+    added: list[str] = Field(default_factory=list)
+    agents: int
+
+
+class SetPolicy(BaseModel):
+    """Replace a level's policy; its version becomes the old version + 1."""
+
+    request_id: str = ""
+    policy: Policy
 
 
 class RegisterResult(BaseModel):
@@ -124,6 +169,8 @@ class LevelState(BaseModel):
     policy: Policy = Field(default_factory=Policy)
     status: ChildStatus = ChildStatus.ACTIVE
     children: dict[str, ChildRecord] = Field(default_factory=dict)
+    admitted_agents: dict[str, str] = Field(
+        default_factory=dict, description="Orchestrator and managers: agents counted in (key -> request id).")
     report_seq: int = 0
     created_at: datetime
     updated_at: datetime
@@ -177,6 +224,67 @@ class LevelState(BaseModel):
         """Capacity not carved for any child."""
         return self.capacity.minus(self.granted)
 
+    # -- policy -------------------------------------------------------------------------------------
+
+    @property
+    def agent_count(self) -> int:
+        """Agents in this level's subtree: a supervisor's children, else the agents counted in."""
+        return len(self.children) if self.level is Level.SUPERVISOR else len(self.admitted_agents)
+
+    def link(self, extra_agents: int = 0) -> ChainLink:
+        """This level as a link of a policy chain (its policy, its pool, its live agent count)."""
+        return ChainLink(level=self.level.value, entity=self.entity_id, policy=self.policy, capacity=self.capacity,
+                         agents=self.agent_count + extra_agents)
+
+    def judge(self, check: PolicyCheck, cache: DecisionCache | None = None, extra_agents: int = 0) -> Verdict:
+        """This level's own verdict on ``check`` (cached when a cache is given)."""
+        link = self.link(extra_agents)
+        decision = cache.evaluate(check, PolicyChain([link])) if cache is not None else evaluate(check, [link])
+        return decision.verdicts[0]
+
+    def _enforce(self, check: PolicyCheck, cache: DecisionCache | None, extra_agents: int = 0) -> Verdict:
+        verdict = self.judge(check, cache, extra_agents)
+        if not verdict.allowed:
+            raise PolicyDenied(verdict.reason, level=self.level.value, entity=self.entity_id,
+                               data={"rule": verdict.rule, "policy_version": self.policy.version})
+        return verdict
+
+    def admit_agents(self, req: AdmitAgents, now: datetime, cache: DecisionCache | None = None) -> AdmitResult:
+        """Judge ``req.check`` by this level's policy counting the new agents, and count them in if allowed."""
+        new = [key for key in dict.fromkeys(req.agents) if key not in self.admitted_agents]
+        if not new:  # all counted in already: by this request (a retry) or by the spawn that made them
+            mine = [key for key in req.agents if self.admitted_agents.get(key) == req.request_id]
+            return AdmitResult(verdict=Verdict(level=self.level.value, entity=self.entity_id, allowed=True),
+                               added=mine, agents=self.agent_count)
+        self._require_active("admit agents")
+        check = req.check if req.check.count == len(new) else req.check.model_copy(update={"count": len(new)})
+        verdict = self._enforce(check, cache)
+        for key in new:
+            self.admitted_agents[key] = req.request_id
+        self.updated_at = now
+        return AdmitResult(verdict=verdict, added=new, agents=self.agent_count)
+
+    def release_agents(self, req: ReleaseAgents, now: datetime) -> AdmitResult:
+        """Count agents out (idempotent)."""
+        for key in req.agents:
+            self.admitted_agents.pop(key, None)
+        self.updated_at = now
+        return AdmitResult(verdict=Verdict(level=self.level.value, entity=self.entity_id, allowed=True),
+                           agents=self.agent_count)
+
+    def set_policy(self, req: SetPolicy, now: datetime) -> Policy:
+        """Replace the policy (version bumped); refused below what exists (max_children)."""
+        new = req.policy
+        if new.max_children is not None and new.max_children < len(self.children):
+            raise Conflict(f"policy max_children {new.max_children} is below the {len(self.children)} "
+                           f"{self.child_level.value}s that exist in {self.scope}",
+                           level=self.level.value, entity=self.entity_id)
+        if new.rules() == self.policy.rules():
+            return self.policy
+        self.policy = new.model_copy(update={"version": self.policy.version + 1})
+        self.updated_at = now
+        return self.policy
+
     # -- transitions --------------------------------------------------------------------------------
 
     def _require_active(self, action: str) -> None:
@@ -191,7 +299,7 @@ class LevelState(BaseModel):
                            level=self.level.value, entity=self.entity_id, data={"name": name})
         return child
 
-    def register_child(self, req: RegisterChild, now: datetime) -> RegisterResult:
+    def register_child(self, req: RegisterChild, now: datetime, cache: DecisionCache | None = None) -> RegisterResult:
         """Admit a child, carving its slice from the free pool; identical re-registration is a no-op."""
         kind = self.child_level.value
         resources = req.resources if req.resources is not None else (
@@ -214,6 +322,8 @@ class LevelState(BaseModel):
                 level=self.level.value, entity=self.entity_id,
                 data={"existing": existing.resources.model_dump(), "requested": resources.model_dump()})
         self._require_active(f"admit {kind} {req.name!r}")
+        if req.check is not None:
+            self._enforce(req.check.model_copy(update={"resources": resources}), cache)
         limit = self.policy.max_children
         if limit is not None and len(self.children) >= limit:
             raise LimitExceeded(
@@ -289,7 +399,7 @@ class LevelState(BaseModel):
         if req.resources is not None:
             self.capacity = req.resources
         if req.policy is not None:
-            self.policy = req.policy
+            self.set_policy(SetPolicy(request_id=req.request_id, policy=req.policy), now)
         self.updated_at = now
         return self.view(now)
 
@@ -385,7 +495,7 @@ class LevelState(BaseModel):
                             supervisors=supervisors, agents_by_status=agents,
                             resources_by_level=by_level, reported_at=now)
 
-    def view(self, now: datetime, run_updates: int = 0) -> LevelView:
+    def view(self, now: datetime, run_updates: int = 0, cache: CacheStats | None = None) -> LevelView:
         """The common ManagementLevel face of this level."""
         return LevelView(
             id=self.entity_id, level=self.level, scope=self.scope, domain=self.domain, name=self.name,
@@ -393,4 +503,5 @@ class LevelState(BaseModel):
             pool=PoolView(capacity=self.capacity, granted=self.granted, free=self.free),
             health=self.health(), children=[self.view_child(n) for n in sorted(self.children)],
             metrics=self.summary(now), created_at=self.created_at, updated_at=self.updated_at,
-            run_updates=run_updates, continued_as_new=self.continued_as_new)
+            run_updates=run_updates, continued_as_new=self.continued_as_new, agents=self.agent_count,
+            policy_cache=cache)

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from tetrarch.decisions import CacheStats
 from tetrarch.names import ORCHESTRATOR_ID, Level, agent_id, manager_id, supervisor_id
 from tetrarch.policy import Policy
 from tetrarch.resources import Resources
@@ -106,6 +107,8 @@ class LevelView(BaseModel):
     created_at: datetime
     updated_at: datetime
     run_updates: int = Field(default=0, description="Updates and signals handled by the current run.")
+    agents: int = Field(default=0, description="Agents in this level's subtree as this level counts them.")
+    policy_cache: CacheStats | None = Field(default=None, description="This run's policy decision cache.")
     continued_as_new: int = Field(default=0, description="How many times this entity continued as new.")
 
 

@@ -151,6 +151,8 @@ class EntitySettings(BaseModel):
     continue_as_new_after: int = Field(
         default=1000, ge=1,
         description="Updates and signals per run before continuing as new (server caps: 2,000 / 10,000).")
+    policy_cache_ttl_seconds: float = Field(
+        default=0.1, ge=0, description="How long a policy decision is reused (the seed's 100 ms).")
 
 
 class LevelInput(BaseModel):
@@ -182,3 +184,33 @@ class ApplyResult(BaseModel):
 
     created: list[str] = Field(default_factory=list)
     unchanged: list[str] = Field(default_factory=list)
+
+
+class SetPolicyRequest(_Request):
+    """Set the policy of the global level (no domain), a domain, or a supervisor (domain and supervisor).
+
+    Give either ``policy`` or ``template`` (permissive-dev, standard, locked-down). With ``dry_run``
+    nothing changes: the result shows the conflicts, the children that would conflict and the running
+    agents the new policy would refuse.
+    """
+
+    domain: str | None = None
+    supervisor: str | None = None
+    policy: Policy | None = None
+    template: str | None = None
+    dry_run: bool = False
+
+
+class PolicyChangeResult(BaseModel):
+    """What a policy change did, or would do (dry run)."""
+
+    target: str
+    applied: bool
+    dry_run: bool = False
+    policy: Policy
+    previous_version: int
+    conflicts: list[str] = Field(default_factory=list, description="Ways it would loosen the levels above.")
+    children_in_conflict: list[str] = Field(
+        default_factory=list, description="Children whose own policy now loosens it (the stricter one applies).")
+    agents_refused: list[str] = Field(
+        default_factory=list, description="Running agents the new policy would not admit now.")

@@ -9,6 +9,7 @@ raised, with its code, level, message and problems.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tetrarch.agent import AgentState
 from tetrarch.bootstrap import HierarchySpec
+from tetrarch.decisions import Decision, PolicyCheck, Verdict
 from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
 from tetrarch.models import ChildView, LevelRef, LevelView
 from tetrarch.names import Level, TaskQueues
@@ -31,11 +33,13 @@ from tetrarch.operations import (
     CreateDomainRequest,
     CreateSupervisorRequest,
     DomainResult,
+    PolicyChangeResult,
     RemovalResult,
     RemoveDomainRequest,
     RemoveSupervisorRequest,
     ScaleResult,
     ScaleSupervisorsRequest,
+    SetPolicyRequest,
     SpawnAgentRequest,
     StopAgentRequest,
     SupervisorResult,
@@ -46,6 +50,7 @@ from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagementEntity
+from workflows.policies import SetPolicyWorkflow
 from workflows.supervisors import (
     ConfigureSupervisorWorkflow,
     CreateSupervisorWorkflow,
@@ -177,6 +182,38 @@ class TetrarchClient:
         """Stop an agent cleanly and release its resources."""
         return await self._execute(StopAgentWorkflow.run, req, Level.SUPERVISOR, "stop-agent",
                                    f"{req.domain}/{req.name}", RemovalResult)
+
+    # -- policy -------------------------------------------------------------------------------------
+
+    async def set_policy(self, req: SetPolicyRequest) -> PolicyChangeResult:
+        """Set (or dry-run) the policy of the global level, a domain or a supervisor."""
+        level = Level.SUPERVISOR if req.supervisor else Level.MANAGER if req.domain else Level.ORCHESTRATOR
+        target = "/".join(p for p in (req.domain, req.supervisor) if p) or "global"
+        return await self._execute(SetPolicyWorkflow.run, req, level, "set-policy", target, PolicyChangeResult)
+
+    async def check(self, check: PolicyCheck) -> Decision:
+        """What-if: every level's verdict on an operation, without doing it (Queries, in parallel).
+
+        The chain runs from the orchestrator down to the check's domain and supervisor; the highest
+        level that denies decides, as when the operation runs.
+        """
+        chain = [LevelRef.orchestrator()]
+        if check.domain is not None:
+            chain.append(LevelRef.manager(check.domain))
+            if check.supervisor is not None:
+                chain.append(LevelRef.supervisor(check.domain, check.supervisor))
+        verdicts = await asyncio.gather(*(self._query_arg(ref, ManagementEntity.judge, check, Verdict)
+                                          for ref in chain))
+        for v in verdicts:
+            if not v.allowed:
+                return Decision(allowed=False, level=v.level, entity=v.entity, rule=v.rule, reason=v.reason,
+                                verdicts=list(verdicts))
+        return Decision(allowed=True, verdicts=list(verdicts))
+
+    async def _query_arg(self, target: LevelRef, method: Any, arg: Any, result_type: type[R]) -> R:
+        await self._query(target, ManagementEntity.describe, LevelView)  # NotFound for a missing level
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        return await handle.query(method, arg, result_type=result_type)  # type: ignore[no-any-return]
 
     # -- status (fast path: queries) ------------------------------------------------------------------
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
+from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import NotFound, TetrarchError
+from tetrarch.models import LevelRef
 from tetrarch.names import Level
 from tetrarch.operations import (
     ApplyResult,
@@ -31,14 +34,16 @@ from tetrarch.operations import (
     ConfigureSupervisorRequest,
     CreateDomainRequest,
     CreateSupervisorRequest,
+    PolicyChangeResult,
     RemoveDomainRequest,
     RemoveSupervisorRequest,
     ScaleSupervisorsRequest,
+    SetPolicyRequest,
     SpawnAgentRequest,
     StopAgentRequest,
     SystemStatus,
 )
-from tetrarch.policy import Policy
+from tetrarch.policy import TEMPLATES, OperationType, Policy
 from tetrarch.resources import Resources
 from tetrarch_cli import render
 from tetrarch_cli.client import TetrarchClient
@@ -629,6 +634,138 @@ def agent_status(ctx: Ctx, domain_name: str, name: str) -> None:
     """Show agent NAME of DOMAIN."""
     st = _run(ctx, lambda tc: tc.agent_status(domain_name, name))
     _emit(ctx, st, lambda: render.agent_state(st))
+
+
+# -- policy ------------------------------------------------------------------------------------------
+
+
+def _target(spec: str) -> tuple[str | None, str | None]:
+    """``global``, ``DOMAIN`` or ``DOMAIN/SUPERVISOR`` as (domain, supervisor)."""
+    if spec == "global":
+        return None, None
+    domain, _, sup = spec.partition("/")
+    return domain, sup or None
+
+
+def _load_policy(ctx: Ctx, path: Path) -> Policy:
+    """A policy file (YAML or JSON), every problem listed with its path."""
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as e:
+        _fail(ctx, EXIT_USAGE, "InvalidPolicy", f"cannot read {path}: {e.strerror}")
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        _fail(ctx, EXIT_USAGE, "InvalidPolicy", f"{path} is not valid YAML/JSON", [str(e)])
+    try:
+        return Policy.model_validate(data or {})
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        _fail(ctx, EXIT_USAGE, "InvalidPolicy", f"{path} is not a valid policy ({len(problems)} problem(s))",
+              problems)
+    raise AssertionError("unreachable")
+
+
+def _change_human(r: PolicyChangeResult) -> str:
+    head = (f"{r.target}: " + ("dry run, nothing changed" if r.dry_run else
+                              f"policy v{r.policy.version} in force" if r.applied else "unchanged (same rules)"))
+    lines = [head]
+    for title, items in (("conflicts with the levels above", r.conflicts),
+                         ("children whose policy now loosens it", r.children_in_conflict),
+                         ("running agents it would refuse", r.agents_refused)):
+        if items:
+            lines.append(f"  {title}:")
+            lines += [f"    - {i}" for i in items]
+    return "\n".join(lines)
+
+
+@cli.group()
+def policy() -> None:
+    """Show, set, validate, dry-run and template policies; check an operation (what-if).
+
+    TARGET is `global`, a domain, or DOMAIN/SUPERVISOR."""
+
+
+@policy.command("show")
+@click.argument("target", default="global")
+@json_option
+@click.pass_obj
+def policy_show(ctx: Ctx, target: str) -> None:
+    """Show TARGET's policy and its decision cache."""
+    domain, sup = _target(target)
+    ref = (LevelRef.supervisor(domain, sup) if domain and sup else LevelRef.manager(domain) if domain
+           else LevelRef.orchestrator())
+    view = _run(ctx, lambda tc: tc.describe(ref))
+    out = {"target": view.id, "policy": view.policy.model_dump(mode="json"),
+           "cache": view.policy_cache.model_dump(mode="json") if view.policy_cache else None}
+    _emit(ctx, out, lambda: yaml.safe_dump(out, sort_keys=False).rstrip())
+
+
+def _set(ctx: Ctx, target: str, pol: Policy | None, template_name: str | None, dry_run: bool) -> None:
+    domain, sup = _target(target)
+    req = SetPolicyRequest(domain=domain, supervisor=sup, policy=pol, template=template_name, dry_run=dry_run)
+    r = _run(ctx, lambda tc: tc.set_policy(req))
+    _emit(ctx, r, lambda: _change_human(r))
+    if dry_run and r.conflicts:
+        sys.exit(EXIT_REFUSED)
+
+
+@policy.command("set")
+@click.argument("target")
+@click.option("--file", "file_", type=click.Path(path_type=Path), required=True, help="Policy file (YAML or JSON).")
+@click.option("--dry-run", is_flag=True, help="Show conflicts and the agents it would refuse; change nothing.")
+@json_option
+@click.pass_obj
+def policy_set(ctx: Ctx, target: str, file_: Path, dry_run: bool) -> None:
+    """Set TARGET's policy from a file (refused, with every conflict, if it loosens a level above)."""
+    _set(ctx, target, _load_policy(ctx, file_), None, dry_run)
+
+
+@policy.command("validate")
+@click.argument("target")
+@click.option("--file", "file_", type=click.Path(path_type=Path), required=True)
+@json_option
+@click.pass_obj
+def policy_validate(ctx: Ctx, target: str, file_: Path) -> None:
+    """Validate a policy file for TARGET (a dry run: exit 1 if it conflicts with the levels above)."""
+    _set(ctx, target, _load_policy(ctx, file_), None, True)
+
+
+@policy.command("template")
+@click.argument("name", type=click.Choice(list(TEMPLATES)))
+@click.argument("target")
+@click.option("--dry-run", is_flag=True)
+@json_option
+@click.pass_obj
+def policy_template(ctx: Ctx, name: str, target: str, dry_run: bool) -> None:
+    """Apply template NAME (permissive-dev, standard, locked-down) to TARGET."""
+    _set(ctx, target, None, name, dry_run)
+
+
+@policy.command("check")
+@click.argument("operation", type=click.Choice([op.value for op in OperationType]))
+@click.argument("target", default="global")
+@resource_options
+@click.option("--count", type=int, default=1, show_default=True, help="Agents added (batch spawn).")
+@click.option("--to", "target_domain", default=None, help="Receiving domain (message).")
+@json_option
+@click.pass_obj
+def policy_check(ctx: Ctx, operation: str, target: str, cpu: str | None, memory: str | None, gpu: int | None,
+                 count: int, target_domain: str | None) -> None:
+    """What-if: judge OPERATION at TARGET by every level's policy, without doing it; print the chain."""
+    domain, sup = _target(target)
+    check = PolicyCheck(operation=OperationType(operation), domain=domain, supervisor=sup,
+                        resources=_resources(cpu, memory, gpu, None), count=count, target_domain=target_domain)
+    d = _run(ctx, lambda tc: tc.check(check))
+
+    def human() -> str:
+        head = "allowed" if d.allowed else f"DENIED by {d.level} ({d.rule}): {d.reason}"
+        rows = [[v.level, v.entity, "allow" if v.allowed else "deny", v.rule or "-", v.reason or "-"]
+                for v in d.verdicts]
+        return head + "\n\n" + render.table(["level", "entity", "verdict", "rule", "reason"], rows)
+
+    _emit(ctx, d, human)
+    if not d.allowed:
+        sys.exit(EXIT_REFUSED)
 
 
 # -- schema ------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ from pydantic import BaseModel, TypeAdapter
 
 from tetrarch.agent import AgentState, StopAgent
 from tetrarch.bootstrap import HierarchySpec
+from tetrarch.decisions import PolicyCheck, Verdict
 from tetrarch.level import (
+    AdmitAgents,
+    AdmitResult,
     BeginRemoval,
     ChildLookup,
     ChildRef,
@@ -22,7 +25,9 @@ from tetrarch.level import (
     ReconfigureResult,
     RegisterChild,
     RegisterResult,
+    ReleaseAgents,
     RemovalPlan,
+    SetPolicy,
     UnregisterResult,
 )
 from tetrarch.models import ChildView, LevelSummary, LevelView
@@ -36,15 +41,18 @@ from tetrarch.operations import (
     CreateSupervisorRequest,
     DomainResult,
     LevelInput,
+    PolicyChangeResult,
     RemovalResult,
     RemoveDomainRequest,
     RemoveSupervisorRequest,
     ScaleResult,
     ScaleSupervisorsRequest,
+    SetPolicyRequest,
     SpawnAgentRequest,
     StopAgentRequest,
     SupervisorResult,
 )
+from tetrarch.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,8 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Spawn an agent under a supervisor."),
     ApiEntry("workflow", "StopAgent", "supervisor", StopAgentRequest, RemovalResult,
              "Stop an agent cleanly and release its resources."),
+    ApiEntry("workflow", "SetPolicy", "orchestrator, manager, supervisor", SetPolicyRequest,
+             PolicyChangeResult, "Set or dry-run the policy of global, a domain or a supervisor (on the target level's queue)."),
     ApiEntry("workflow", "Orchestrator", "orchestrator", LevelInput, LevelView,
              "The orchestrator entity (id 'orchestrator')."),
     ApiEntry("workflow", "Manager", "manager", LevelInput, LevelView, "A manager entity (id 'manager/<domain>')."),
@@ -98,6 +108,11 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("update", "begin_removal", _ENTITIES, BeginRemoval, RemovalPlan, "Prepare to close."),
     ApiEntry("update", "cancel_removal", _ENTITIES, BeginRemoval, LevelView, "Undo begin_removal."),
     ApiEntry("update", "close", _ENTITIES, BeginRemoval, LevelView, "Close an empty, removing level."),
+    ApiEntry("update", "admit_agents", _ENTITIES, AdmitAgents, AdmitResult,
+             "Judge an operation that adds agents by this level's policy and count them in."),
+    ApiEntry("update", "release_agents", _ENTITIES, ReleaseAgents, AdmitResult, "Count agents out."),
+    ApiEntry("update", "set_policy", _ENTITIES, SetPolicy, Policy, "Replace this level's policy (version + 1)."),
+    ApiEntry("query", "judge", _ENTITIES, PolicyCheck, Verdict, "This level's verdict on an operation (what-if)."),
     ApiEntry("signal", "child_report", _ENTITIES, LevelSummary, None, "An upward report from a child."),
     ApiEntry("query", "describe", _ENTITIES, None, LevelView, "The common ManagementLevel face."),
     ApiEntry("update", "stop", "Agent", StopAgent, AgentState, "Stop the agent cleanly."),

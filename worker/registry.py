@@ -15,6 +15,7 @@ from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
+from workflows.policies import SetPolicyWorkflow
 from workflows.supervisors import (
     ConfigureSupervisorWorkflow,
     CreateSupervisorWorkflow,
@@ -24,14 +25,14 @@ from workflows.supervisors import (
 
 WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
     Level.ORCHESTRATOR: (OrchestratorWorkflow, ApplyHierarchyWorkflow, CreateDomainWorkflow,
-                         ConfigureDomainWorkflow, RemoveDomainWorkflow),
+                         ConfigureDomainWorkflow, RemoveDomainWorkflow, SetPolicyWorkflow),
     Level.MANAGER: (ManagerWorkflow, CreateSupervisorWorkflow, ConfigureSupervisorWorkflow,
-                    RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow),
-    Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow),
+                    RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow, SetPolicyWorkflow),
+    Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 
-ALL_WORKFLOWS: list[type] = [wf for wfs in WORKFLOWS_BY_LEVEL.values() for wf in wfs]
+ALL_WORKFLOWS: list[type] = list(dict.fromkeys(wf for wfs in WORKFLOWS_BY_LEVEL.values() for wf in wfs))
 
 
 def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
@@ -45,4 +46,5 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
-            lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy]
+            lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
+            lv.release_agents, lv.set_policy, lv.judge]

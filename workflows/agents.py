@@ -1,11 +1,18 @@
 """Operations on agents, run on the supervisor's queue: SpawnAgent and StopAgent.
 
-Spawn here is the foundation's: the supervisor carves the agent's slice, then the agent entity
-starts and reports running. Policy checks, placement, image verification and the agent runtime
-are added as steps of the same saga.
+Spawn asks the three levels at once (the seed's parallel validation): the orchestrator and the
+domain's manager judge it by their own policies and count the agent in, the supervisor judges it by
+its policy and carves the agent's slice; then the agent entity starts and reports running. If any
+level refuses, the highest refusing level decides (Global > Domain > Supervisor) and every step
+already taken is undone, so a refused spawn leaves nothing behind. Images and the agent runtime are
+added as further steps of the same saga.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 from temporalio import workflow
 
@@ -13,16 +20,50 @@ with workflow.unsafe.imports_passed_through():
     import pydantic
 
     from tetrarch.agent import AgentSpec, AgentState, StopAgent
-    from tetrarch.errors import Conflict
-    from tetrarch.level import RegisterChild
+    from tetrarch.decisions import PolicyCheck
+    from tetrarch.errors import Conflict, PolicyDenied
+    from tetrarch.level import AdmitAgents, AdmitResult, RegisterChild, RegisterResult, ReleaseAgents
     from tetrarch.models import LevelRef
+    from tetrarch.names import Level
     from tetrarch.operations import AgentInput, AgentResult, RemovalResult, SpawnAgentRequest, StopAgentRequest
+    from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
+    from tetrarch.resources import Resources
 
 from workflows import steps
-from workflows.common import DOMAIN_KEY, OPERATION_KEY, SUPERVISOR_KEY, Saga, reraise, to_application_error
+from workflows.common import (
+    DOMAIN_KEY,
+    OPERATION_KEY,
+    SUPERVISOR_KEY,
+    Saga,
+    error_info,
+    reraise,
+    to_application_error,
+)
 from workflows.level_ops import request_id
 
 _FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]
+_PRECEDENCE = [Level.ORCHESTRATOR.value, Level.MANAGER.value, Level.SUPERVISOR.value, Level.AGENT.value]
+
+
+def first_by_precedence(errors: list[BaseException]) -> BaseException:
+    """The error to report when several levels refused at once: a policy denial by the highest level
+    (Global > Domain > Supervisor), else the first error."""
+    denials = []
+    for err in errors:
+        info = error_info(err)
+        if info is not None and info.code == PolicyDenied.code and info.level in _PRECEDENCE:
+            denials.append((_PRECEDENCE.index(info.level), err))
+    return min(denials, key=lambda d: d[0])[1] if denials else errors[0]
+
+
+async def judge_everywhere(domain: str, supervisor: str, check: PolicyCheck) -> None:
+    """Ask the three levels for their verdicts at once; raise the highest denial, if any."""
+    chain = [LevelRef.orchestrator(), LevelRef.manager(domain), LevelRef.supervisor(domain, supervisor)]
+    verdicts = await asyncio.gather(*(steps.judge(target, check) for target in chain))
+    for target, verdict in zip(chain, verdicts, strict=True):
+        if not verdict.allowed:
+            raise to_application_error(PolicyDenied(verdict.reason, level=verdict.level, entity=target.entity_id,
+                                                    data={"rule": verdict.rule}))
 
 
 @workflow.defn(name="SpawnAgent", failure_exception_types=_FAIL_FAST)
@@ -35,13 +76,26 @@ class SpawnAgentWorkflow:
                                            DOMAIN_KEY.value_set(req.domain),
                                            SUPERVISOR_KEY.value_set(req.supervisor)])
         rid = request_id(req.request_id)
+        orchestrator, manager = LevelRef.orchestrator(), LevelRef.manager(req.domain)
         supervisor = LevelRef.supervisor(req.domain, req.supervisor)
+        key = f"{req.domain}/{req.name}"
         saga = Saga()
         try:
-            reg = await steps.register_child(supervisor, RegisterChild(
-                request_id=rid, name=req.name, resources=req.resources))
-            if reg.created:
-                saga.add(f"release {req.name}", lambda: steps.unregister_child(supervisor, req.name, rid))
+            resources = req.resources or await self._default_resources(supervisor)
+            check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=req.supervisor,
+                                agent=req.name, resources=resources)
+            admit = AdmitAgents(request_id=rid, agents=[key], check=check)
+            outcomes = await asyncio.gather(
+                steps.admit_agents(orchestrator, admit), steps.admit_agents(manager, admit),
+                steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name,
+                                                               resources=resources, check=check)),
+                return_exceptions=True)
+            self._register_undo(saga, rid, key, req.name, [orchestrator, manager, supervisor], outcomes)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            if failed:
+                raise first_by_precedence(failed)
+            reg = outcomes[2]
+            assert isinstance(reg, RegisterResult)
             now = workflow.now()
             spec = AgentSpec(domain=req.domain, supervisor=req.supervisor, name=req.name,
                              resources=reg.child.resources, image=req.image, labels=req.labels)
@@ -56,10 +110,27 @@ class SpawnAgentWorkflow:
             await saga.compensate()
             reraise(e)
 
+    @staticmethod
+    async def _default_resources(supervisor: LevelRef) -> Resources:
+        view = await steps.describe_level(supervisor)
+        return view.policy.default_agent_resources or DEFAULT_AGENT_RESOURCES
+
+    @staticmethod
+    def _register_undo(saga: Saga, rid: str, key: str, name: str, targets: list[LevelRef],
+                       outcomes: Sequence[Any]) -> None:
+        """Compensations for exactly what this request took: its own count-ins and a slice it created."""
+        for target, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, AdmitResult) and outcome.added:
+                release = ReleaseAgents(request_id=f"{rid}/undo", agents=outcome.added)
+                saga.add(f"count {key} out at {target.entity_id}",
+                         lambda t=target, r=release: steps.release_agents(t, r))  # type: ignore[misc]
+            elif isinstance(outcome, RegisterResult) and outcome.created:
+                saga.add(f"release {name}", lambda t=target: steps.unregister_child(t, name, rid))  # type: ignore[misc]
+
 
 @workflow.defn(name="StopAgent", failure_exception_types=_FAIL_FAST)
 class StopAgentWorkflow:
-    """Stop an agent cleanly and return its slice to its supervisor, exactly once."""
+    """Stop (kill) an agent cleanly and return its slice and its counts, exactly once."""
 
     @workflow.run
     async def run(self, req: StopAgentRequest) -> RemovalResult:
@@ -69,13 +140,18 @@ class StopAgentWorkflow:
         target = LevelRef.agent(req.domain, req.name)
         state = await steps.describe_agent(target)
         supervisor = LevelRef.supervisor(req.domain, state.spec.supervisor)
+        await judge_everywhere(req.domain, state.spec.supervisor, PolicyCheck(
+            operation=OperationType.KILL, domain=req.domain, supervisor=state.spec.supervisor, agent=req.name))
         saga = Saga()
         try:
             await steps.begin_child_removal(supervisor, req.name, rid)
             saga.add(f"reactivate {req.name}", lambda: steps.cancel_child_removal(supervisor, req.name, rid))
             await steps.stop_agent(target, StopAgent(request_id=rid, reason=req.reason))
             released = await steps.unregister_child(supervisor, req.name, rid)
-            return RemovalResult(entity_id=target.entity_id, released=released.released)
         except BaseException as e:
             await saga.compensate()
             reraise(e)
+        count_out = ReleaseAgents(request_id=rid, agents=[f"{req.domain}/{req.name}"])
+        await asyncio.gather(steps.release_agents(LevelRef.orchestrator(), count_out),
+                             steps.release_agents(LevelRef.manager(req.domain), count_out))
+        return RemovalResult(entity_id=target.entity_id, released=released.released)

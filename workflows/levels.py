@@ -19,8 +19,11 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
+    from tetrarch.decisions import DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
+        AdmitAgents,
+        AdmitResult,
         BeginRemoval,
         ChildLookup,
         ChildRef,
@@ -30,12 +33,15 @@ with workflow.unsafe.imports_passed_through():
         ReconfigureResult,
         RegisterChild,
         RegisterResult,
+        ReleaseAgents,
         RemovalPlan,
+        SetPolicy,
         UnregisterResult,
     )
     from tetrarch.models import ChildView, LevelSummary, LevelView
     from tetrarch.names import ORCHESTRATOR_ID, Level, manager_id
     from tetrarch.operations import EntitySettings, LevelInput
+    from tetrarch.policy import Policy
 
 from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, to_application_error
 
@@ -121,6 +127,8 @@ class ManagementEntity(EntityLoop):
     def __init__(self, inp: LevelInput) -> None:
         self.state = inp.level_state
         self._init_loop(inp.settings)
+        # Decisions of this level's own policy; workflow time keeps the TTL deterministic on replay.
+        self._cache = DecisionCache(clock=workflow.time, ttl_seconds=inp.settings.policy_cache_ttl_seconds)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -174,7 +182,7 @@ class ManagementEntity(EntityLoop):
     @workflow.update
     def register_child(self, req: RegisterChild) -> RegisterResult:
         """Admit a child with a slice of this level's pool (idempotent on an identical definition)."""
-        return self._apply(lambda s: s.register_child(req, workflow.now()))
+        return self._apply(lambda s: s.register_child(req, workflow.now(), self._cache))
 
     @register_child.validator
     def _validate_register_child(self, req: RegisterChild) -> None:
@@ -215,6 +223,36 @@ class ManagementEntity(EntityLoop):
             self._touch()
         else:
             self._run_updates += 1
+
+    # -- policy -------------------------------------------------------------------------------------
+
+    @workflow.update
+    def admit_agents(self, req: AdmitAgents) -> AdmitResult:
+        """Judge an operation that adds agents by this level's policy and count them in."""
+        return self._apply(lambda s: s.admit_agents(req, workflow.now(), self._cache))
+
+    @admit_agents.validator
+    def _validate_admit_agents(self, req: AdmitAgents) -> None:
+        self._dry_run(lambda s: s.admit_agents(req, workflow.now()))
+
+    @workflow.update
+    def release_agents(self, req: ReleaseAgents) -> AdmitResult:
+        """Count agents out (stop, or compensation)."""
+        return self._apply(lambda s: s.release_agents(req, workflow.now()))
+
+    @workflow.update
+    def set_policy(self, req: SetPolicy) -> Policy:
+        """Replace this level's policy (validated against the levels above by the SetPolicy operation)."""
+        return self._apply(lambda s: s.set_policy(req, workflow.now()))
+
+    @set_policy.validator
+    def _validate_set_policy(self, req: SetPolicy) -> None:
+        self._dry_run(lambda s: s.set_policy(req, workflow.now()))
+
+    @workflow.query
+    def judge(self, check: PolicyCheck) -> Verdict:
+        """This level's verdict on an operation, without doing it (what-if; reads never change state)."""
+        return self.state.judge(check)
 
     # -- itself -------------------------------------------------------------------------------------
 
@@ -258,7 +296,7 @@ class ManagementEntity(EntityLoop):
     @workflow.query
     def describe(self) -> LevelView:
         """The common ManagementLevel face: id, scope, policy, pool, health, children, metrics."""
-        return self.state.view(workflow.now(), self._run_updates)
+        return self.state.view(workflow.now(), self._run_updates, self._cache.stats())
 
 
 _FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]

@@ -16,15 +16,22 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.agent import AgentState, StopAgent
     from tetrarch.bootstrap import CurrentHierarchy
     from tetrarch.calls import (
+        AdmitCall,
         ChildCall,
         ConfigureCall,
+        JudgeCall,
         ReadHierarchy,
         ReconfigureChildCall,
         RegisterChildCall,
+        ReleaseCall,
         RemovalCall,
+        SetPolicyCall,
         StopAgentCall,
     )
+    from tetrarch.decisions import PolicyCheck, Verdict
     from tetrarch.level import (
+        AdmitAgents,
+        AdmitResult,
         BeginRemoval,
         ChildLookup,
         ChildRef,
@@ -33,12 +40,15 @@ with workflow.unsafe.imports_passed_through():
         ReconfigureResult,
         RegisterChild,
         RegisterResult,
+        ReleaseAgents,
         RemovalPlan,
+        SetPolicy,
         UnregisterResult,
     )
     from tetrarch.models import ChildView, LevelRef, LevelView
     from tetrarch.names import Level
     from tetrarch.operations import AgentInput, LevelInput
+    from tetrarch.policy import Policy
 
 from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, queues
 
@@ -152,4 +162,31 @@ async def stop_agent(target: LevelRef, req: StopAgent) -> AgentState:
     """Stop an agent cleanly."""
     result: AgentState = await _run(AgentActivities.stop_agent, StopAgentCall(target=target, request=req),
                                     Level.AGENT)
+    return result
+
+
+async def admit_agents(target: LevelRef, req: AdmitAgents) -> AdmitResult:
+    """Judge and count agents in at ``target``."""
+    result: AdmitResult = await _run(LevelActivities.admit_agents, AdmitCall(target=target, request=req),
+                                     target.level)
+    return result
+
+
+async def release_agents(target: LevelRef, req: ReleaseAgents) -> AdmitResult:
+    """Count agents out at ``target``."""
+    result: AdmitResult = await _run(LevelActivities.release_agents, ReleaseCall(target=target, request=req),
+                                     target.level)
+    return result
+
+
+async def set_policy(target: LevelRef, req: SetPolicy) -> Policy:
+    """Replace ``target``'s policy."""
+    result: Policy = await _run(LevelActivities.set_policy, SetPolicyCall(target=target, request=req),
+                                target.level)
+    return result
+
+
+async def judge(target: LevelRef, check: PolicyCheck) -> Verdict:
+    """``target``'s verdict on an operation (nothing changes)."""
+    result: Verdict = await _run(LevelActivities.judge, JudgeCall(target=target, check=check), target.level)
     return result
