@@ -86,6 +86,8 @@ class PolicyCheck(BaseModel):
 class Verdict(BaseModel):
     """One level's answer."""
 
+    model_config = ConfigDict(frozen=True)
+
     level: str
     entity: str
     allowed: bool
@@ -94,7 +96,10 @@ class Verdict(BaseModel):
 
 
 class Decision(BaseModel):
-    """The chain's answer: allowed or not, which level decided, by which rule and why."""
+    """The chain's answer: allowed or not, which level decided, by which rule and why (immutable: the
+    cache hands the same one to every hit)."""
+
+    model_config = ConfigDict(frozen=True)
 
     allowed: bool
     level: str = ""
@@ -111,7 +116,7 @@ class Decision(BaseModel):
 def _agent_cap(link: ChainLink) -> Resources | None:
     """The most one agent may hold under ``link``'s own rules (absolute and share combined)."""
     limits = link.policy.agent
-    cap = limits.max_resources
+    cap = limits.max_resources.bounded(UNBOUNDED) if limits.max_resources is not None else None
     share = limits.max_share
     if share is not None:
         from_share = Resources(
@@ -166,7 +171,8 @@ def judge_static(check: PolicyCheck, link: ChainLink) -> Verdict:
                 elif share is not None:
                     absolute = p.agent.max_resources
                     assert absolute is not None
-                    rule = "agent.max_resources" if check.resources.shortfall(absolute) else "agent.max_share"
+                    rule = ("agent.max_resources" if check.resources.shortfall(absolute.bounded(UNBOUNDED))
+                            else "agent.max_share")
                 detail = "; ".join(f"{k} {v}" for k, v in short.items())
                 return deny(rule, f"{link.level} policy v{p.version} caps one agent at {cap_human(cap)} "
                                   f"({rule}): {detail}")

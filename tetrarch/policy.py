@@ -9,11 +9,11 @@ conflicts of one that would loosen it are listed by :func:`tetrarch.decisions.co
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 
-from tetrarch.resources import Resources
+from tetrarch.resources import Resources, accept_quantities
 
 
 class OperationType(StrEnum):
@@ -63,10 +63,33 @@ class ShareLimits(_Strict):
     gpu_pct: float | None = Field(default=None, gt=0, le=100)
 
 
+class ResourceCap(_Strict):
+    """An absolute per-agent cap; a component left out is not capped (``{cpu: 2}`` caps CPU only)."""
+
+    cpu_millis: int | None = Field(default=None, ge=0)
+    memory_mib: int | None = Field(default=None, ge=0)
+    gpu: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_quantities(cls, data: Any) -> Any:
+        """Accept ``{"cpu": "500m", "memory": "2Gi"}`` like :class:`Resources` does; a whole
+        :class:`Resources` caps every component."""
+        if isinstance(data, Resources):
+            return data.model_dump()
+        return accept_quantities(cls, data)
+
+    def bounded(self, unbounded: int) -> Resources:
+        """As a resource vector, ``unbounded`` standing for the components left out."""
+        return Resources(cpu_millis=unbounded if self.cpu_millis is None else self.cpu_millis,
+                         memory_mib=unbounded if self.memory_mib is None else self.memory_mib,
+                         gpu=unbounded if self.gpu is None else self.gpu)
+
+
 class AgentLimits(_Strict):
     """Per-agent limits: absolute, and as a share of this level's pool."""
 
-    max_resources: Resources | None = Field(default=None, description="Most one agent may hold, absolute.")
+    max_resources: ResourceCap | None = Field(default=None, description="Most one agent may hold, absolute.")
     max_share: ShareLimits | None = Field(default=None, description="Most one agent may hold, share of the pool.")
 
 

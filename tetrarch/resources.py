@@ -72,6 +72,36 @@ def format_memory(mib: int) -> str:
     return f"{mib}Mi"
 
 
+def accept_quantities(model: type[BaseModel], data: Any) -> Any:
+    """Turn ``cpu``/``memory`` quantities into ``cpu_millis``/``memory_mib`` before ``model`` validates.
+
+    Each bad quantity is reported at its own path (``resources.cpu``), together with every other
+    problem of the same input, so that a file lists all its problems at once.
+    """
+    if not isinstance(data, dict) or ("cpu" not in data and "memory" not in data):
+        return data
+    out = dict(data)
+    errors: list[InitErrorDetails] = []
+    for key, canonical, parse in (("cpu", "cpu_millis", parse_cpu), ("memory", "memory_mib", parse_memory)):
+        if key not in out:
+            continue
+        value = out.pop(key)
+        try:
+            if canonical in out:
+                raise ValueError(f"give either {key!r} or {canonical!r}, not both")
+            out[canonical] = parse(value)
+        except ValueError as e:
+            errors.append(InitErrorDetails(type="value_error", loc=(key,), input=value, ctx={"error": str(e)}))
+    if errors:
+        try:  # the other fields' problems too
+            model.model_validate(out)
+        except ValidationError as e:
+            errors += [InitErrorDetails(type=d["type"], loc=d["loc"], input=d["input"], ctx=d.get("ctx", {}))
+                       for d in e.errors()]
+        raise ValidationError.from_exception_data(model.__name__, errors)
+    return out
+
+
 class Resources(BaseModel):
     """A resource vector. Canonical fields are integers; ``cpu``/``memory`` quantities are accepted on input."""
 
@@ -85,29 +115,7 @@ class Resources(BaseModel):
     @classmethod
     def _accept_quantities(cls, data: Any) -> Any:
         """Accept ``{"cpu": "2", "memory": "4Gi"}`` as well as the canonical field names."""
-        if not isinstance(data, dict) or ("cpu" not in data and "memory" not in data):
-            return data
-        out = dict(data)
-        errors: list[InitErrorDetails] = []
-        for key, canonical, parse in (("cpu", "cpu_millis", parse_cpu), ("memory", "memory_mib", parse_memory)):
-            if key not in out:
-                continue
-            value = out.pop(key)
-            try:
-                if canonical in out:
-                    raise ValueError(f"give either {key!r} or {canonical!r}, not both")
-                out[canonical] = parse(value)
-            except ValueError as e:
-                # Report each bad quantity at its own path (``resources.cpu``), and all of them at once.
-                errors.append(InitErrorDetails(type="value_error", loc=(key,), input=value, ctx={"error": str(e)}))
-        if errors:
-            try:  # the other fields' problems too, so that every problem is reported at once
-                cls.model_validate(out)
-            except ValidationError as e:
-                errors += [InitErrorDetails(type=d["type"], loc=d["loc"], input=d["input"], ctx=d.get("ctx", {}))
-                           for d in e.errors()]
-            raise ValidationError.from_exception_data(cls.__name__, errors)
-        return out
+        return accept_quantities(cls, data)
 
     @classmethod
     def of(cls, cpu: float | str = 0, memory: float | str = 0, gpu: int = 0) -> Resources:

@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +50,7 @@ from tetrarch.resources import Resources
 from tetrarch_cli import render
 from tetrarch_cli.client import TetrarchClient
 from tetrarch_cli.schemas import export_schemas, file_name
-from tetrarch_cli.server import ServerConfig, ServerError, ensure_search_attributes, start_server
+from tetrarch_cli.server import ServerConfig, ServerError, ensure_search_attributes, free_port, start_server
 from worker.connect import DEFAULT_ADDRESS, connect
 from worker.run import parse_levels, run_workers
 
@@ -766,6 +768,54 @@ def policy_check(ctx: Ctx, operation: str, target: str, cpu: str | None, memory:
     _emit(ctx, d, human)
     if not d.allowed:
         sys.exit(EXIT_REFUSED)
+
+
+# -- bench -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--short", "mode", flag_value="short", default=True, help="Under a minute (default).")
+@click.option("--full", "mode", flag_value="full", help="More samples, higher concurrency.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
+              help="Directory for the run's JSON file.")
+@json_option
+@click.pass_obj
+def bench(ctx: Ctx, mode: str, out: Path) -> None:
+    """Measure the seed's table beside the bare server's ceiling, in one run (own server unless --address)."""
+    from tetrarch_cli import bench as b
+
+    async def go() -> b.BenchReport:
+        started = b.now_utc()
+        server = None
+        address = ctx.address
+        with tempfile.TemporaryDirectory(prefix="tetrarch-bench-") as state:
+            if address is None:
+                config = ServerConfig(state_dir=Path(state), port=free_port(), headless=True)
+                server = await start_server(config)
+                address = config.address
+            try:
+                client = await connect(address, ctx.namespace)
+                await ensure_search_attributes(client, ctx.namespace)
+                prefix = f"{ctx.prefix}bench{uuid.uuid4().hex[:6]}-"
+                stop = asyncio.Event()
+                workers = asyncio.create_task(run_workers(client, list(Level), prefix, stop))
+                try:
+                    await TetrarchClient(client, prefix).apply(HierarchySpec())
+                    rows = await b.run_bench(client, prefix, short=mode == "short")
+                finally:
+                    stop.set()
+                    await workers
+            finally:
+                if server is not None:
+                    server.stop()
+        return b.new_report(mode, rows, started, embedded=server is not None)
+
+    try:
+        report = asyncio.run(go())
+    except ServerError as e:
+        _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
+    path = b.write_report(report, out)
+    _emit(ctx, report, lambda: b.render(report) + f"\n\nwritten to {path}")
 
 
 # -- schema ------------------------------------------------------------------------------------------

@@ -251,8 +251,12 @@ class ManagementEntity(EntityLoop):
 
     @workflow.query
     def judge(self, check: PolicyCheck) -> Verdict:
-        """This level's verdict on an operation, without doing it (what-if; reads never change state)."""
-        return self.state.judge(check)
+        """This level's verdict on an operation, without doing it (what-if).
+
+        Served from the decision cache like any other decision. The cache lives in this run's memory
+        only: a decision is the same cached or not, so only the hit counters depend on query traffic.
+        """
+        return self.state.judge(check, self._cache)
 
     # -- itself -------------------------------------------------------------------------------------
 

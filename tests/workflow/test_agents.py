@@ -27,7 +27,6 @@ from tetrarch.operations import (
 from tetrarch.policy import Policy
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
-from workflows.agent import AgentWorkflow
 
 
 async def new_domain(tc: TetrarchClient, tag: str, supervisors: dict[str, tuple[Resources, Policy]]) -> str:
@@ -42,7 +41,7 @@ async def new_domain(tc: TetrarchClient, tag: str, supervisors: dict[str, tuple[
 
 async def final_state(client: Client, d: str, agent: str) -> AgentState:
     """The result of an agent's workflow (it completes once stopped)."""
-    state: AgentState = await client.get_workflow_handle_for(AgentWorkflow.run, f"agent/{d}/{agent}").result()
+    state: AgentState = await client.get_workflow_handle(f"agent/{d}/{agent}", result_type=AgentState).result()
     return state
 
 

@@ -35,7 +35,6 @@ from tetrarch.operations import (
 from tetrarch.policy import Policy
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
-from workflows.agent import AgentWorkflow
 from workflows.levels import ManagerWorkflow
 
 
@@ -276,7 +275,7 @@ async def test_remove_domain_with_supervisors_needs_drain(tc: TetrarchClient, cl
     assert sorted(removed.drained) == ["s1", "s2"]
 
     for agent in ("a1", "a2", "a3", "a4"):
-        final: AgentState = await client.get_workflow_handle_for(AgentWorkflow.run, f"agent/{d}/{agent}").result()
+        final: AgentState = await client.get_workflow_handle(f"agent/{d}/{agent}", result_type=AgentState).result()
         assert final.status is AgentStatus.STOPPED, agent
         assert final.status_reason == "supervisor drained"
     for wf_id in entities:

@@ -34,7 +34,6 @@ from tetrarch.operations import (
 from tetrarch.policy import Policy
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
-from workflows.agent import AgentWorkflow
 from workflows.levels import SupervisorWorkflow
 
 
@@ -250,7 +249,7 @@ async def test_remove_supervisor_with_agents_needs_drain(tc: TetrarchClient, cli
     removed = await tc.remove_supervisor(RemoveSupervisorRequest(domain=d, name="s1", drain=True))
     assert removed.released == res(6) and sorted(removed.drained) == ["a1", "a2", "a3"]
     for agent in ("a1", "a2", "a3"):
-        final: AgentState = await client.get_workflow_handle_for(AgentWorkflow.run, f"agent/{d}/{agent}").result()
+        final: AgentState = await client.get_workflow_handle(f"agent/{d}/{agent}", result_type=AgentState).result()
         assert final.status is AgentStatus.STOPPED and final.status_reason == "supervisor drained"
         with pytest.raises(NotFound):
             await tc.agent_status(d, agent)
@@ -389,7 +388,7 @@ async def test_scale_down_with_drain_picks_the_least_loaded(tc: TetrarchClient, 
 
     down = await tc.scale_supervisors(ScaleSupervisorsRequest(domain=d, delta=-1, drain=True))
     assert down.removed == ["sup-2"]
-    final: AgentState = await client.get_workflow_handle_for(AgentWorkflow.run, f"agent/{d}/b1").result()
+    final: AgentState = await client.get_workflow_handle(f"agent/{d}/b1", result_type=AgentState).result()
     assert final.status is AgentStatus.STOPPED
     dom = await tc.domain_status(d)
     assert [c.name for c in dom.children] == ["sup-1"]
