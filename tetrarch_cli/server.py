@@ -28,7 +28,17 @@ from tetrarch.names import SearchAttr
 #: workflow rejects them under load (about 20 concurrent spawns against one entity collapsed).
 TUNED_DYNAMIC_CONFIG: dict[str, str] = {
     "history.maxInFlightUpdates": "100",
+    # Every workflow task otherwise waits ~40 ms for the transfer queue's poll (no-op p50 ~50 ms -> ~17 ms).
+    "history.transferProcessorMaxPollRPS": "1000",
+    # One partition per task queue: a dev server has one matching host, and extra partitions only add
+    # forwarding hops (the p95 tail under load about 3x lower).
+    "matching.numTaskqueueReadPartitions": "1",
+    "matching.numTaskqueueWritePartitions": "1",
 }
+
+#: SQLite settings: write-ahead logging with normal sync survives a process crash (not a power cut) and
+#: roughly doubles no-op throughput on this store.
+SQLITE_PRAGMAS: dict[str, str] = {"journal_mode": "wal", "synchronous": "normal"}
 
 
 class ServerError(RuntimeError):
@@ -71,6 +81,7 @@ class ServerConfig:
     headless: bool = False
     namespace: str = "default"
     dynamic_config: dict[str, str] = field(default_factory=lambda: dict(TUNED_DYNAMIC_CONFIG))
+    sqlite_pragmas: dict[str, str] = field(default_factory=lambda: dict(SQLITE_PRAGMAS))
 
     @property
     def address(self) -> str:
@@ -98,6 +109,8 @@ class ServerConfig:
             cmd += ["--search-attribute", f"{key}=Keyword"]
         for key, value in self.dynamic_config.items():
             cmd += ["--dynamic-config-value", f"{key}={value}"]
+        for key, value in self.sqlite_pragmas.items():
+            cmd += ["--sqlite-pragma", f"{key}={value}"]
         return cmd
 
 
