@@ -1,0 +1,40 @@
+"""The bench command runs on its own server and reports every row beside the ceiling (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import assert_clean, tetrarch
+
+pytestmark = pytest.mark.e2e
+
+ROWS = {
+    "ceiling: no-op workflow, start to result", "ceiling: one Update on an entity", "ceiling: one Query on an entity",
+    "policy check, uncached, in process", "policy check, cached, in process",
+    "policy check, cached, through a worker", "policy check, uncached, through a worker",
+    "get status (fast path: a Query)", "spawn agent (one at a time)",
+}
+
+
+def test_short_bench_reports_every_row_and_writes_json(tmp_path: Path) -> None:
+    r = tetrarch("bench", "--short", "--out", tmp_path / "results", timeout=240)
+    assert r.rc == 0, str(r)
+    assert_clean(r)
+    report = r.json
+    by_name = {row["name"]: row for row in report["rows"]}
+    assert set(by_name) == ROWS
+    for name, row in by_name.items():
+        assert row["samples"] > 0, name
+        assert row["p50_ms"] is not None and row["p50_ms"] >= 0, name
+        assert row["p95_ms"] >= row["p50_ms"], name
+    assert by_name["ceiling: no-op workflow, start to result"]["per_second"] > 0
+    assert by_name["policy check, cached, in process"]["per_second"] > 0
+    assert "Update's p50" in by_name["policy check, cached, through a worker"]["ratio"]
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["temporalio"]
+    assert report["settings"]["embedded_server"] is True
+    files = list((tmp_path / "results").glob("bench-*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["rows"] == report["rows"]
