@@ -47,8 +47,12 @@ def level_view(view: LevelView) -> str:
         f"            free     {p.free.human()}",
         f"  policy    {policy}",
         f"  agents    {agents_line(view.metrics.agents_by_status)}",
-        "",
     ]
+    if view.policy_cache is not None:
+        c = view.policy_cache
+        head.append(f"  decisions {c.hits} cached / {c.hits + c.misses} ({c.hit_rate:.0%} hit rate, "
+                    f"TTL {c.ttl_seconds * 1000:.0f} ms)")
+    head += [""]
     return "\n".join(head) + children_table(view.children, kind)
 
 
