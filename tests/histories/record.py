@@ -16,6 +16,9 @@ Recorded:
 * ``manager_continued_as_new.json``: the first run of a Manager entity that took Updates and
   continued as new (``continue_as_new_after=4``).
 * ``agent.json``: an Agent entity that started, reported, and was stopped by the drain.
+* ``set_policy.json``: a SetPolicy applying the ``standard`` template to a supervisor.
+* ``spawn_agent.json``: a SpawnAgent admitted by the three levels at once.
+* ``stop_agent.json``: the StopAgent the drain ran (judged at three levels, counted out).
 
 Re-record after an intended change to a workflow's commands; a change that would break running
 executions needs ``workflow.patched()`` instead, and these histories are what catch it.
@@ -43,6 +46,7 @@ from tetrarch.operations import (
     EntitySettings,
     LevelInput,
     RemoveSupervisorRequest,
+    SetPolicyRequest,
     SpawnAgentRequest,
 )
 from tetrarch.resources import Resources
@@ -72,10 +76,15 @@ async def _record(client: Client) -> dict[str, WorkflowHistory]:
     await tc.create_supervisor(CreateSupervisorRequest(domain=DOMAIN, name="s1",
                                                        resources=Resources.of(cpu=4, memory="4Gi"),
                                                        request_id="rec"))
-    await tc.spawn_agent(SpawnAgentRequest(domain=DOMAIN, supervisor="s1", name="a1", request_id="rec"))
+    await tc.set_policy(SetPolicyRequest(domain=DOMAIN, supervisor="s1", template="standard", request_id="rec"))
+    out["set_policy.json"] = await _history(client, f"op/set-policy/{DOMAIN}/s1/rec")
+    await tc.spawn_agent(SpawnAgentRequest(domain=DOMAIN, supervisor="s1", name="a1", request_id="rec",
+                                           resources=Resources.of(cpu=0.2, memory="256Mi")))
+    out["spawn_agent.json"] = await _history(client, f"op/spawn-agent/{DOMAIN}/a1/rec")
     await asyncio.sleep(1)  # let the agent's report reach its supervisor, as in normal operation
     await tc.remove_supervisor(RemoveSupervisorRequest(domain=DOMAIN, name="s1", drain=True, request_id="rec"))
     out["remove_supervisor_drain.json"] = await _history(client, f"op/remove-supervisor/{DOMAIN}/s1/rec")
+    out["stop_agent.json"] = await _history(client, f"op/remove-supervisor/{DOMAIN}/s1/rec/stop-agent/a1")
     out["agent.json"] = await _history(client, f"agent/{DOMAIN}/a1")
 
     # A manager entity started directly so that it continues as new after a few Updates.
