@@ -239,8 +239,12 @@ class LevelState(BaseModel):
     def judge(self, check: PolicyCheck, cache: DecisionCache | None = None, extra_agents: int = 0) -> Verdict:
         """This level's own verdict on ``check`` (cached when a cache is given)."""
         link = self.link(extra_agents)
-        decision = cache.evaluate(check, PolicyChain([link])) if cache is not None else evaluate(check, [link])
-        return decision.verdicts[0]
+        if cache is None:
+            return evaluate(check, [link]).verdicts[0]
+        if check.agent is not None or check.supervisor is not None:
+            # No rule reads these names; keyed by them, every spawn (a new agent's name) would miss the cache.
+            check = check.model_copy(update={"agent": None, "supervisor": None})
+        return cache.evaluate(check, PolicyChain([link])).verdicts[0]
 
     def _enforce(self, check: PolicyCheck, cache: DecisionCache | None, extra_agents: int = 0) -> Verdict:
         verdict = self.judge(check, cache, extra_agents)
