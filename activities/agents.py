@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from temporalio import activity
-from temporalio.client import Client
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from typing import Any
 
-from activities.calls import query, update
-from tetrarch.agent import AgentState
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from activities.calls import query, translate, update
+from tetrarch.agent import AgentLookup, AgentState
 from tetrarch.calls import StopAgentCall
-from tetrarch.models import LevelRef
+from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.operations import AgentInput
 from workflows.agent import AgentWorkflow
 from workflows.common import AGENT_STATUS_KEY, DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
@@ -32,8 +36,13 @@ class AgentActivities:
                 SearchAttributePair(LEVEL_KEY, "agent"), SearchAttributePair(DOMAIN_KEY, spec.domain),
                 SearchAttributePair(SUPERVISOR_KEY, spec.supervisor),
                 SearchAttributePair(AGENT_STATUS_KEY, inp.agent_state.status.value)]))
-        return await query(self.client, LevelRef.agent(spec.domain, spec.name), AgentWorkflow.describe,
-                           AgentState)
+        state = await query(self.client, LevelRef.agent(spec.domain, spec.name), AgentWorkflow.describe,
+                            AgentState)
+        if state.status in (AgentStatus.STOPPING, AgentStatus.STOPPED):
+            # An earlier agent of this name is finishing its stop: wait for its run to close, then a
+            # retry starts the new one (USE_EXISTING would otherwise hand back the old run).
+            raise ApplicationError(f"{state.entity_id} is still stopping; retrying", type="AgentStopping")
+        return state
 
     @activity.defn
     async def describe_agent(self, target: LevelRef) -> AgentState:
@@ -41,7 +50,29 @@ class AgentActivities:
         return await query(self.client, target, AgentWorkflow.describe, AgentState)
 
     @activity.defn
+    async def find_agent(self, target: LevelRef) -> AgentLookup:
+        """The agent's last state, running or closed (NotFound only if no workflow of that id ever ran)."""
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        try:
+            desc = await handle.describe()
+            state: AgentState = await handle.query(AgentWorkflow.describe)
+        except (RPCError, WorkflowQueryFailedError) as e:
+            raise translate(e, target) from e
+        running = desc.status is not None and desc.status.name == "RUNNING"
+        return AgentLookup(state=state, running=running)
+
+    @activity.defn
     async def stop_agent(self, call: StopAgentCall) -> AgentState:
-        """Stop the agent cleanly; returns its final state."""
-        return await update(self.client, call.target, AgentWorkflow.stop, call.request, AgentState,
-                            call.request.request_id)
+        """Stop the agent cleanly; returns its final state (also when a retry finds it already stopped)."""
+        try:
+            return await update(self.client, call.target, AgentWorkflow.stop, call.request, AgentState,
+                                call.request.request_id)
+        except ApplicationError as e:
+            if e.type != "NotFound":
+                raise
+            handle = self.client.get_workflow_handle(call.target.entity_id, result_type=AgentState)
+            try:  # an earlier attempt stopped it and the run completed: its result is the final state
+                result: AgentState = await handle.result(follow_runs=False)
+            except Exception:
+                raise e from None
+            return result

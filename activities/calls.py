@@ -8,8 +8,10 @@ retryable and the activity's retry policy handles them.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from temporalio.client import (
     Client,
     WorkflowHandle,
@@ -53,15 +55,23 @@ def translate(err: BaseException, target: LevelRef) -> BaseException:
     return err
 
 
+def _digest(arg: Any) -> str:
+    """A short digest of an Update's argument: one request id reused for another target or another
+    definition must not be answered with the first call's result."""
+    data = arg.model_dump_json() if isinstance(arg, BaseModel) else repr(arg)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
 async def update(client: Client, target: LevelRef, method: Any, arg: Any, result_type: type[R],
                  request_id: str = "") -> R:
     """Execute Update ``method`` on ``target``; ``<request_id>:<update>`` is the Update id (dedup).
 
-    The update name is part of the id because one request makes several Updates on one entity
-    (admit, then compensate), and the server would answer a reused id with the first result.
+    The update name and a digest of the argument are part of the id: one request makes several
+    Updates on one entity (admit, then compensate), a caller may reuse a request id for another
+    target, and the server answers a reused id with the first result.
     """
     handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
-    update_id = f"{request_id}:{method.__name__}" if request_id else None
+    update_id = f"{request_id}:{method.__name__}:{_digest(arg)}" if request_id else None
     try:
         result = await handle.execute_update(method, arg, id=update_id, result_type=result_type)
     except (WorkflowUpdateFailedError, RPCError) as e:

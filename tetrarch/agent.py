@@ -28,6 +28,7 @@ class AgentSpec(BaseModel):
     resources: Resources
     image: str | None = Field(default=None, description="Agent image reference, once images exist.")
     labels: dict[str, str] = Field(default_factory=dict)
+    request_id: str = Field(default="", description="The spawn that made it (its counts are released by it).")
 
 
 class StopAgent(BaseModel):
@@ -88,3 +89,10 @@ class AgentState(BaseModel):
                             seq=self.report_seq, health=health, status=self.status.value,
                             resources=self.spec.resources, agents_by_status={self.status.value: 1},
                             reported_at=now)
+
+
+class AgentLookup(BaseModel):
+    """An agent's last known state, and whether its workflow still runs."""
+
+    state: AgentState
+    running: bool

@@ -74,10 +74,15 @@ class AdmitAgents(BaseModel):
 
 
 class ReleaseAgents(BaseModel):
-    """Count agents out again (stop, or compensation of an admission). Unknown keys are ignored."""
+    """Count agents out again (stop, or compensation of an admission). Unknown keys are ignored.
+
+    With ``owner``, only keys counted in by that request are released: a compensation or a stop
+    never takes away a count that belongs to another spawn of the same name.
+    """
 
     request_id: str = ""
     agents: list[str]
+    owner: str | None = None
 
 
 class AdmitResult(BaseModel):
@@ -120,10 +125,15 @@ class ReconfigureResult(BaseModel):
 
 
 class ChildRef(BaseModel):
-    """Names one child of a level, with the request that acts on it."""
+    """Names one child of a level, with the request that acts on it.
+
+    With ``owner``, unregistering removes the child only if that request created it (compensation
+    must not remove a child an earlier, identical request made).
+    """
 
     request_id: str = ""
     name: str
+    owner: str | None = None
 
 
 class ChildLookup(BaseModel):
@@ -271,7 +281,8 @@ class LevelState(BaseModel):
     def release_agents(self, req: ReleaseAgents, now: datetime) -> AdmitResult:
         """Count agents out (idempotent)."""
         for key in req.agents:
-            self.admitted_agents.pop(key, None)
+            if req.owner is None or self.admitted_agents.get(key) == req.owner:
+                self.admitted_agents.pop(key, None)
         self.updated_at = now
         return AdmitResult(verdict=Verdict(level=self.level.value, entity=self.entity_id, allowed=True),
                            agents=self.agent_count)
@@ -381,9 +392,10 @@ class LevelState(BaseModel):
 
     def unregister_child(self, ref: ChildRef, now: datetime) -> UnregisterResult:
         """Remove a child and return its slice to the pool. Idempotent: a missing child releases nothing."""
-        child = self.children.pop(ref.name, None)
-        if child is None:
+        child = self.children.get(ref.name)
+        if child is None or (ref.owner is not None and child.request_id != ref.owner):
             return UnregisterResult(released=None)
+        del self.children[ref.name]
         self.updated_at = now
         return UnregisterResult(released=child.resources)
 

@@ -149,7 +149,7 @@ class EntitySettings(BaseModel):
     report_interval_seconds: float = Field(
         default=0.5, ge=0, description="Least time between two upward reports (debounce).")
     continue_as_new_after: int = Field(
-        default=1000, ge=1,
+        default=1000, ge=1, le=1500,
         description="Updates and signals per run before continuing as new (server caps: 2,000 / 10,000).")
     policy_cache_ttl_seconds: float = Field(
         default=0.1, ge=0, description="How long a policy decision is reused (the seed's 100 ms).")

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import click
 import yaml
 from pydantic import BaseModel, ValidationError
+from temporalio.client import WorkflowQueryFailedError
+from temporalio.service import RPCError
 
 from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
 from tetrarch.decisions import PolicyCheck
@@ -124,6 +126,10 @@ def _run(ctx: Ctx, work: Callable[[TetrarchClient], Awaitable[T]]) -> T:
     except ConnectionError as e:
         _fail(ctx, EXIT_UNREACHABLE, "Unreachable",
               f"cannot reach Temporal at {address} ({e}); start it with `tetrarch up` or pass --address")
+    except (RPCError, WorkflowQueryFailedError) as e:
+        _fail(ctx, EXIT_UNREACHABLE, "Unavailable",
+              f"Temporal at {address} could not answer ({e}); are the level workers running "
+              "(`tetrarch up` or `tetrarch worker --level all`)?")
     raise AssertionError("unreachable")
 
 
@@ -439,10 +445,13 @@ def domain_create(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu:
 def domain_configure(ctx: Ctx, name: str, cpu: str | None, memory: str | None, gpu: int | None,
                      max_supervisors: int | None) -> None:
     """Resize domain NAME's pool or set its supervisor limit."""
-    req = ConfigureDomainRequest(domain=name, policy=_policy(max_supervisors))
-    if cpu is not None or memory is not None or gpu is not None:
-        current = _run(ctx, lambda tc: tc.domain_status(name)).pool.capacity
-        req.resources = _resources(cpu, memory, gpu, current)
+    req = ConfigureDomainRequest(domain=name)
+    if cpu is not None or memory is not None or gpu is not None or max_supervisors is not None:
+        view = _run(ctx, lambda tc: tc.domain_status(name))
+        if cpu is not None or memory is not None or gpu is not None:
+            req.resources = _resources(cpu, memory, gpu, view.pool.capacity)
+        if max_supervisors is not None:  # change this one rule; the rest of the policy stays in force
+            req.policy = view.policy.model_copy(update={"max_children": max_supervisors})
     r = _run(ctx, lambda tc: tc.configure_domain(req))
     _emit(ctx, r, lambda: f"domain {name} configured: {r.domain.resources.human()}")
 
@@ -516,10 +525,13 @@ def supervisor_create(ctx: Ctx, domain_name: str, name: str, cpu: str | None, me
 def supervisor_configure(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
                          gpu: int | None, max_agents: int | None) -> None:
     """Resize supervisor NAME's pool or set its agent limit."""
-    req = ConfigureSupervisorRequest(domain=domain_name, name=name, policy=_policy(max_agents))
-    if cpu is not None or memory is not None or gpu is not None:
-        current = _run(ctx, lambda tc: tc.supervisor_status(domain_name, name)).pool.capacity
-        req.resources = _resources(cpu, memory, gpu, current)
+    req = ConfigureSupervisorRequest(domain=domain_name, name=name)
+    if cpu is not None or memory is not None or gpu is not None or max_agents is not None:
+        view = _run(ctx, lambda tc: tc.supervisor_status(domain_name, name))
+        if cpu is not None or memory is not None or gpu is not None:
+            req.resources = _resources(cpu, memory, gpu, view.pool.capacity)
+        if max_agents is not None:  # change this one rule; the rest of the policy stays in force
+            req.policy = view.policy.model_copy(update={"max_children": max_agents})
     r = _run(ctx, lambda tc: tc.configure_supervisor(req))
     _emit(ctx, r, lambda: f"supervisor {domain_name}/{name} configured: {r.supervisor.resources.human()}")
 
@@ -859,7 +871,7 @@ def main(args: list[str] | None = None) -> None:
             click.echo(str(e.code), err=True)
             code = 1
     except KeyboardInterrupt:
-        code = 0
+        code = EXIT_INTERRUPTED
     except BaseException:
         traceback.print_exc()
         code = 1

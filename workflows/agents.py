@@ -11,8 +11,6 @@ added as further steps of the same saga.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
 
 from temporalio import workflow
 
@@ -21,8 +19,8 @@ with workflow.unsafe.imports_passed_through():
 
     from tetrarch.agent import AgentSpec, AgentState, StopAgent
     from tetrarch.decisions import PolicyCheck
-    from tetrarch.errors import Conflict, PolicyDenied
-    from tetrarch.level import AdmitAgents, AdmitResult, RegisterChild, RegisterResult, ReleaseAgents
+    from tetrarch.errors import Conflict, NotFound, PolicyDenied
+    from tetrarch.level import AdmitAgents, RegisterChild, RegisterResult, ReleaseAgents
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
     from tetrarch.operations import AgentInput, AgentResult, RemovalResult, SpawnAgentRequest, StopAgentRequest
@@ -36,6 +34,7 @@ from workflows.common import (
     SUPERVISOR_KEY,
     Saga,
     error_info,
+    gather_all,
     reraise,
     to_application_error,
 )
@@ -85,12 +84,19 @@ class SpawnAgentWorkflow:
             check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=req.supervisor,
                                 agent=req.name, resources=resources)
             admit = AdmitAgents(request_id=rid, agents=[key], check=check)
+            # Compensations first, scoped to this request: they undo only what it took, so they are
+            # safe whether the step ran, half-ran (cancelled) or found the agent already there.
+            count_out = ReleaseAgents(request_id=f"{rid}/undo", agents=[key], owner=rid)
+            for level in (orchestrator, manager):
+                saga.add(f"count {key} out at {level.entity_id}",
+                         lambda t=level: steps.release_agents(t, count_out))  # type: ignore[misc]
+            saga.add(f"release {req.name}",
+                     lambda: steps.unregister_child(supervisor, req.name, f"{rid}/undo", owner=rid))
             outcomes = await asyncio.gather(
                 steps.admit_agents(orchestrator, admit), steps.admit_agents(manager, admit),
                 steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name,
                                                                resources=resources, check=check)),
                 return_exceptions=True)
-            self._register_undo(saga, rid, key, req.name, [orchestrator, manager, supervisor], outcomes)
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed:
                 raise first_by_precedence(failed)
@@ -98,7 +104,8 @@ class SpawnAgentWorkflow:
             assert isinstance(reg, RegisterResult)
             now = workflow.now()
             spec = AgentSpec(domain=req.domain, supervisor=req.supervisor, name=req.name,
-                             resources=reg.child.resources, image=req.image, labels=req.labels)
+                             resources=reg.child.resources, image=req.image, labels=req.labels,
+                             request_id=rid if reg.created else "")
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
                 spec=spec, started_at=now, updated_at=now)))
             if state.spec.supervisor != req.supervisor:
@@ -115,18 +122,6 @@ class SpawnAgentWorkflow:
         view = await steps.describe_level(supervisor)
         return view.policy.default_agent_resources or DEFAULT_AGENT_RESOURCES
 
-    @staticmethod
-    def _register_undo(saga: Saga, rid: str, key: str, name: str, targets: list[LevelRef],
-                       outcomes: Sequence[Any]) -> None:
-        """Compensations for exactly what this request took: its own count-ins and a slice it created."""
-        for target, outcome in zip(targets, outcomes, strict=True):
-            if isinstance(outcome, AdmitResult) and outcome.added:
-                release = ReleaseAgents(request_id=f"{rid}/undo", agents=outcome.added)
-                saga.add(f"count {key} out at {target.entity_id}",
-                         lambda t=target, r=release: steps.release_agents(t, r))  # type: ignore[misc]
-            elif isinstance(outcome, RegisterResult) and outcome.created:
-                saga.add(f"release {name}", lambda t=target: steps.unregister_child(t, name, rid))  # type: ignore[misc]
-
 
 @workflow.defn(name="StopAgent", failure_exception_types=_FAIL_FAST)
 class StopAgentWorkflow:
@@ -138,20 +133,33 @@ class StopAgentWorkflow:
                                            DOMAIN_KEY.value_set(req.domain)])
         rid = request_id(req.request_id)
         target = LevelRef.agent(req.domain, req.name)
-        state = await steps.describe_agent(target)
-        supervisor = LevelRef.supervisor(req.domain, state.spec.supervisor)
-        await judge_everywhere(req.domain, state.spec.supervisor, PolicyCheck(
-            operation=OperationType.KILL, domain=req.domain, supervisor=state.spec.supervisor, agent=req.name))
-        saga = Saga()
-        try:
-            await steps.begin_child_removal(supervisor, req.name, rid)
-            saga.add(f"reactivate {req.name}", lambda: steps.cancel_child_removal(supervisor, req.name, rid))
-            await steps.stop_agent(target, StopAgent(request_id=rid, reason=req.reason))
-            released = await steps.unregister_child(supervisor, req.name, rid)
-        except BaseException as e:
-            await saga.compensate()
-            reraise(e)
-        count_out = ReleaseAgents(request_id=rid, agents=[f"{req.domain}/{req.name}"])
-        await asyncio.gather(steps.release_agents(LevelRef.orchestrator(), count_out),
-                             steps.release_agents(LevelRef.manager(req.domain), count_out))
+        found = await steps.find_agent(target)
+        spec = found.state.spec
+        supervisor = LevelRef.supervisor(req.domain, spec.supervisor)
+        if found.running:
+            await judge_everywhere(req.domain, spec.supervisor, PolicyCheck(
+                operation=OperationType.KILL, domain=req.domain, supervisor=spec.supervisor, agent=req.name))
+            saga = Saga()
+            try:
+                saga.add(f"reactivate {req.name}", lambda: steps.cancel_child_removal(supervisor, req.name, rid))
+                await steps.begin_child_removal(supervisor, req.name, rid)
+                await steps.stop_agent(target, StopAgent(request_id=rid, reason=req.reason))
+            except BaseException as e:
+                info = error_info(e)
+                if info is None or info.code != NotFound.code:  # gone meanwhile: roll forward below
+                    await saga.compensate()
+                    reraise(e)
+        else:
+            # The agent's workflow ended without a clean stop (terminated, crashed): if its supervisor
+            # still holds it, roll forward and release what it held; otherwise there is nothing to stop.
+            held = await steps.describe_level(supervisor)
+            if not any(c.name == req.name for c in held.children):
+                raise to_application_error(NotFound(
+                    f"agent {req.domain}/{req.name} is not running (its last run ended {found.state.status.value})",
+                    level="agent", entity=target.entity_id))
+        released = await steps.unregister_child(supervisor, req.name, rid)
+        count_out = ReleaseAgents(request_id=rid, agents=[f"{req.domain}/{req.name}"],
+                                  owner=spec.request_id or None)
+        await gather_all(steps.release_agents(LevelRef.orchestrator(), count_out),
+                         steps.release_agents(LevelRef.manager(req.domain), count_out))
         return RemovalResult(entity_id=target.entity_id, released=released.released)

@@ -8,8 +8,6 @@ each of which is a no-op when its target already exists identically.
 
 from __future__ import annotations
 
-import asyncio
-
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
@@ -29,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
 
 from workflows import steps
 from workflows.agents import SpawnAgentWorkflow
-from workflows.common import OPERATION_KEY, queues, to_application_error
+from workflows.common import OPERATION_KEY, gather_all, queues, to_application_error
 from workflows.domains import CreateDomainWorkflow
 from workflows.supervisors import CreateSupervisorWorkflow
 
@@ -59,7 +57,7 @@ class ApplyHierarchyWorkflow:
                 level=Level.ORCHESTRATOR, name="orchestrator", capacity=spec.global_.resources,
                 policy=spec.global_.policy, created_at=now, updated_at=now)))
             result.created.append("orchestrator")
-        outcomes = await asyncio.gather(*(self._apply_domain(d) for d in spec.domains))
+        outcomes = await gather_all(*(self._apply_domain(d) for d in spec.domains))
         for created in outcomes:
             result.created += created
         return result
@@ -74,13 +72,13 @@ class ApplyHierarchyWorkflow:
             id=f"{wf_id}/domain/{d.name}", task_queue=queues().orchestrator)
         if dom.created:
             created.append(f"domain {d.name}")
-        sups = await asyncio.gather(*(workflow.execute_child_workflow(
+        sups = await gather_all(*(workflow.execute_child_workflow(
             CreateSupervisorWorkflow.run,
             CreateSupervisorRequest(domain=d.name, name=s.name, resources=s.resources, policy=s.policy,
                                     request_id=f"{wf_id}/{d.name}/{s.name}"),
             id=f"{wf_id}/supervisor/{d.name}/{s.name}", task_queue=queues().manager) for s in d.supervisors))
         created += [f"supervisor {d.name}/{r.supervisor.name}" for r in sups if r.created]
-        agents = await asyncio.gather(*(workflow.execute_child_workflow(
+        agents = await gather_all(*(workflow.execute_child_workflow(
             SpawnAgentWorkflow.run,
             SpawnAgentRequest(domain=d.name, supervisor=s.name, name=f"{s.name}-agent-{i}",
                               resources=s.agent_resources, request_id=f"{wf_id}/{d.name}/{s.name}/{i}"),

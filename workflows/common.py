@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
@@ -18,6 +18,8 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.errors import ErrorInfo, TetrarchError
     from tetrarch.names import Level, SearchAttr, TaskQueues
 
+T = TypeVar("T")
+
 LEVEL_KEY = SearchAttributeKey.for_keyword(SearchAttr.LEVEL)
 DOMAIN_KEY = SearchAttributeKey.for_keyword(SearchAttr.DOMAIN)
 SUPERVISOR_KEY = SearchAttributeKey.for_keyword(SearchAttr.SUPERVISOR)
@@ -25,8 +27,10 @@ AGENT_STATUS_KEY = SearchAttributeKey.for_keyword(SearchAttr.AGENT_STATUS)
 OPERATION_KEY = SearchAttributeKey.for_keyword(SearchAttr.OPERATION)
 
 #: Retries for activities that call entities: transient faults retry, domain refusals do not.
+#: Unlimited attempts: a level whose worker is down is waited for (the operation stays open, visible
+#: in the UI), never given up on half-way; refusals are non-retryable and fail at once.
 ENTITY_CALL_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
-                                maximum_interval=timedelta(seconds=5), maximum_attempts=20)
+                                maximum_interval=timedelta(seconds=5), maximum_attempts=0)
 ENTITY_CALL_TIMEOUT = timedelta(seconds=30)
 
 
@@ -92,6 +96,19 @@ class Saga:
         for what, undo in reversed(self._undo):
             try:
                 await asyncio.shield(asyncio.ensure_future(undo()))
-            except Exception as e:  # a failed undo is logged and the rest still run
+            except (Exception, asyncio.CancelledError) as e:  # one failed undo must not stop the others
                 workflow.logger.error("compensation %s failed: %s", what, e)
         self._undo.clear()
+
+
+async def gather_all(*aws: Awaitable[T]) -> list[T]:
+    """Await every step to its end, then raise the first failure, if any.
+
+    A plain gather fails as soon as one child fails, and a failed parent terminates its running
+    children half-way through their own sagas; this lets each finish (and compensate) first.
+    """
+    outcomes = await asyncio.gather(*aws, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes  # type: ignore[return-value]

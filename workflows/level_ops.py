@@ -13,7 +13,6 @@ follow the same steps, each registering its compensation before it runs:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 from temporalio import workflow
@@ -35,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.resources import Resources
 
 from workflows import steps
-from workflows.common import Saga, error_info, reraise
+from workflows.common import Saga, error_info, gather_all, reraise
 
 
 def request_id(given: str) -> str:
@@ -47,10 +46,10 @@ async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[R
     """Admit ``child`` at ``parent`` and start its entity. Returns the registration and whether new."""
     saga = Saga()
     try:
+        saga.add(f"unregister {child.name}",
+                 lambda: steps.unregister_child(parent, child.name, f"{rid}/undo", owner=rid))
         reg = await steps.register_child(parent, RegisterChild(
             request_id=rid, name=child.name, resources=child.capacity, policy=child.policy))
-        if reg.created:
-            saga.add(f"unregister {child.name}", lambda: steps.unregister_child(parent, child.name, rid))
         await steps.start_level(LevelInput(level_state=child))
         return reg, reg.created
     except BaseException as e:
@@ -95,7 +94,7 @@ async def remove_level(parent: LevelRef, target: LevelRef, name: str, drain: boo
             saga.add(f"reactivate {target.entity_id}",
                      lambda: steps.cancel_removal(target, BeginRemoval(request_id=rid)))
             if plan.children:
-                await asyncio.gather(*(drain_child(c) for c in plan.children))
+                await gather_all(*(drain_child(c) for c in plan.children))
                 drained = plan.children
             await steps.close_level(target, BeginRemoval(request_id=rid))
         released = await steps.unregister_child(parent, name, rid)

@@ -13,7 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.agents import AgentActivities
     from activities.levels import LevelActivities
-    from tetrarch.agent import AgentState, StopAgent
+    from tetrarch.agent import AgentLookup, AgentState, StopAgent
     from tetrarch.bootstrap import CurrentHierarchy
     from tetrarch.calls import (
         AdmitCall,
@@ -103,11 +103,11 @@ async def cancel_child_removal(target: LevelRef, name: str, request_id: str) -> 
     return result
 
 
-async def unregister_child(target: LevelRef, name: str, request_id: str) -> UnregisterResult:
-    """Forget child ``name`` of ``target`` and return its slice."""
+async def unregister_child(target: LevelRef, name: str, request_id: str, owner: str | None = None) -> UnregisterResult:
+    """Forget child ``name`` of ``target`` and return its slice (with ``owner``: only if that request made it)."""
     result: UnregisterResult = await _run(
         LevelActivities.unregister_child,
-        ChildCall(target=target, request=ChildRef(request_id=request_id, name=name)), target.level)
+        ChildCall(target=target, request=ChildRef(request_id=request_id, name=name, owner=owner)), target.level)
     return result
 
 
@@ -155,6 +155,12 @@ async def start_agent(inp: AgentInput) -> AgentState:
 async def describe_agent(target: LevelRef) -> AgentState:
     """Read an agent's state."""
     result: AgentState = await _run(AgentActivities.describe_agent, target, Level.AGENT)
+    return result
+
+
+async def find_agent(target: LevelRef) -> AgentLookup:
+    """An agent's last state, running or not (NotFound only if it never existed)."""
+    result: AgentLookup = await _run(AgentActivities.find_agent, target, Level.AGENT)
     return result
 
 
