@@ -11,8 +11,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.calls import query, translate, update
-from tetrarch.agent import AgentLookup, AgentState
-from tetrarch.calls import StopAgentCall
+from tetrarch.agent import AgentLookup, AgentState, StopAgent
+from tetrarch.calls import DiscardAgentCall, StopAgentCall
 from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.operations import AgentInput
 from workflows.agent import AgentWorkflow
@@ -48,6 +48,21 @@ class AgentActivities:
     async def describe_agent(self, target: LevelRef) -> AgentState:
         """The agent's state (NotFound if it is not running)."""
         return await query(self.client, target, AgentWorkflow.describe, AgentState)
+
+    @activity.defn
+    async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:
+        """Stop the agent if the request ``call.owner`` started it and it still runs (else do nothing)."""
+        try:
+            found = await self.find_agent(call.target)
+        except ApplicationError as e:
+            if e.type == "NotFound":
+                return None
+            raise
+        if found.running and found.state.spec.request_id == call.owner:
+            state = await self.stop_agent(StopAgentCall(target=call.target, request=StopAgent(
+                request_id=f"{call.owner}/discard", reason="spawn undone")))
+            return AgentLookup(state=state, running=False)
+        return found
 
     @activity.defn
     async def find_agent(self, target: LevelRef) -> AgentLookup:

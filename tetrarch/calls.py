@@ -97,3 +97,10 @@ class JudgeCall(BaseModel):
 
     target: LevelRef
     check: PolicyCheck
+
+
+class DiscardAgentCall(BaseModel):
+    """Compensation of an agent start: stop the agent ``target`` only if request ``owner`` started it."""
+
+    target: LevelRef
+    owner: str

@@ -106,6 +106,8 @@ class SpawnAgentWorkflow:
             spec = AgentSpec(domain=req.domain, supervisor=req.supervisor, name=req.name,
                              resources=reg.child.resources, image=req.image, labels=req.labels,
                              request_id=rid if reg.created else "")
+            target = LevelRef.agent(req.domain, req.name)
+            saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
                 spec=spec, started_at=now, updated_at=now)))
             if state.spec.supervisor != req.supervisor:

@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
         AdmitCall,
         ChildCall,
         ConfigureCall,
+        DiscardAgentCall,
         JudgeCall,
         ReadHierarchy,
         ReconfigureChildCall,
@@ -195,4 +196,11 @@ async def set_policy(target: LevelRef, req: SetPolicy) -> Policy:
 async def judge(target: LevelRef, check: PolicyCheck) -> Verdict:
     """``target``'s verdict on an operation (nothing changes)."""
     result: Verdict = await _run(LevelActivities.judge, JudgeCall(target=target, check=check), target.level)
+    return result
+
+
+async def discard_agent(target: LevelRef, owner: str) -> AgentLookup | None:
+    """Compensation of a start: stop the agent only if request ``owner`` started it."""
+    result: AgentLookup | None = await _run(AgentActivities.discard_agent,
+                                            DiscardAgentCall(target=target, owner=owner), Level.AGENT)
     return result

@@ -6,8 +6,12 @@ orchestrator's agent counts, and the ability to remove what is left.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError
 
 from tests.conftest import domain_name
 from tests.workflow.helpers import res
@@ -22,6 +26,7 @@ from tetrarch.operations import (
     StopAgentRequest,
 )
 from tetrarch_cli.client import TetrarchClient
+from workflows.agents import SpawnAgentWorkflow
 
 
 async def domain_with_supervisor(tc: TetrarchClient, tag: str) -> str:
@@ -78,3 +83,34 @@ async def test_a_drain_completes_across_a_dead_agent_and_leaves_nothing(tc: Tetr
     assert manager.pool.granted == res(0)
     assert (await tc.describe(LevelRef.orchestrator())).agents == before  # tests run one at a time
     await tc.remove_domain(RemoveDomainRequest(domain=d))
+
+
+async def test_cancelled_spawns_either_complete_whole_or_leave_nothing(tc: TetrarchClient, client: Client) -> None:
+    """Spawns cancelled at varying moments: every agent is either running, sliced and counted, or absent."""
+    d = await domain_with_supervisor(tc, "cancel")
+    before = (await tc.describe(LevelRef.orchestrator())).agents
+    handles = []
+    for i in range(8):
+        handles.append(await client.start_workflow(
+            SpawnAgentWorkflow.run, SpawnAgentRequest(domain=d, supervisor="s", name=f"c{i}", request_id=f"c{i}",
+                                                      resources=res(0, 0).model_copy(update={"cpu_millis": 250})),
+            id=f"op/spawn-agent/{d}/c{i}", task_queue=f"{tc.queues.supervisor}"))
+        await asyncio.sleep(0.02 * i)  # cancel each one a little later than the one before
+        await handles[-1].cancel()
+    for h in handles:
+        with contextlib.suppress(WorkflowFailureError):
+            await h.result()
+    running = set()
+    for i in range(8):
+        desc = None
+        with contextlib.suppress(RPCError):
+            desc = await client.get_workflow_handle(LevelRef.agent(d, f"c{i}").entity_id).describe()
+        if desc is not None and desc.status is not None and desc.status.name == "RUNNING":
+            running.add(f"c{i}")
+    manager = await tc.domain_status(d)
+    sup = await tc.supervisor_status(d, "s")
+    assert {c.name for c in sup.children} == running
+    assert sup.pool.granted.cpu_millis == 250 * len(running)
+    assert manager.agents == len(running)
+    assert (await tc.describe(LevelRef.orchestrator())).agents == before + len(running)
+    await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
