@@ -45,11 +45,6 @@ class AgentActivities:
         return state
 
     @activity.defn
-    async def describe_agent(self, target: LevelRef) -> AgentState:
-        """The agent's state (NotFound if it is not running)."""
-        return await query(self.client, target, AgentWorkflow.describe, AgentState)
-
-    @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:
         """Stop the agent if the request ``call.owner`` started it and it still runs (else do nothing)."""
         try:

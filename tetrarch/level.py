@@ -241,14 +241,14 @@ class LevelState(BaseModel):
         """Agents in this level's subtree: a supervisor's children, else the agents counted in."""
         return len(self.children) if self.level is Level.SUPERVISOR else len(self.admitted_agents)
 
-    def link(self, extra_agents: int = 0) -> ChainLink:
+    def link(self) -> ChainLink:
         """This level as a link of a policy chain (its policy, its pool, its live agent count)."""
         return ChainLink(level=self.level.value, entity=self.entity_id, policy=self.policy, capacity=self.capacity,
-                         agents=self.agent_count + extra_agents)
+                         agents=self.agent_count)
 
-    def judge(self, check: PolicyCheck, cache: DecisionCache | None = None, extra_agents: int = 0) -> Verdict:
+    def judge(self, check: PolicyCheck, cache: DecisionCache | None = None) -> Verdict:
         """This level's own verdict on ``check`` (cached when a cache is given)."""
-        link = self.link(extra_agents)
+        link = self.link()
         if cache is None:
             return evaluate(check, [link]).verdicts[0]
         if check.agent is not None or check.supervisor is not None:
@@ -256,8 +256,8 @@ class LevelState(BaseModel):
             check = check.model_copy(update={"agent": None, "supervisor": None})
         return cache.evaluate(check, PolicyChain([link])).verdicts[0]
 
-    def _enforce(self, check: PolicyCheck, cache: DecisionCache | None, extra_agents: int = 0) -> Verdict:
-        verdict = self.judge(check, cache, extra_agents)
+    def _enforce(self, check: PolicyCheck, cache: DecisionCache | None) -> Verdict:
+        verdict = self.judge(check, cache)
         if not verdict.allowed:
             raise PolicyDenied(verdict.reason, level=self.level.value, entity=self.entity_id,
                                data={"rule": verdict.rule, "policy_version": self.policy.version})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import pydantic
 from temporalio.api.failure.v1 import Failure
@@ -44,11 +43,6 @@ def with_project_failures(converter: DataConverter) -> DataConverter:
     if converter.failure_converter_class is ValidationFailureConverter:
         return converter
     return dataclasses.replace(converter, failure_converter_class=ValidationFailureConverter)
-
-
-def address_from_env() -> str | None:
-    """``TEMPORAL_ADDRESS`` if set: an existing server to use instead of starting one."""
-    return os.environ.get("TEMPORAL_ADDRESS") or None
 
 
 _runtime: Runtime | None = None

@@ -42,7 +42,7 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
 
     if level is Level.AGENT:
         a = AgentActivities(client)
-        return [a.start_agent, a.describe_agent, a.find_agent, a.stop_agent, a.discard_agent]
+        return [a.start_agent, a.find_agent, a.stop_agent, a.discard_agent]
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,

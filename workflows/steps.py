@@ -153,12 +153,6 @@ async def start_agent(inp: AgentInput) -> AgentState:
     return result
 
 
-async def describe_agent(target: LevelRef) -> AgentState:
-    """Read an agent's state."""
-    result: AgentState = await _run(AgentActivities.describe_agent, target, Level.AGENT)
-    return result
-
-
 async def find_agent(target: LevelRef) -> AgentLookup:
     """An agent's last state, running or not (NotFound only if it never existed)."""
     result: AgentLookup = await _run(AgentActivities.find_agent, target, Level.AGENT)
