@@ -11,8 +11,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.calls import query, translate, update
-from tetrarch.agent import AgentLookup, AgentState, StopAgent
-from tetrarch.calls import DiscardAgentCall, StopAgentCall
+from tetrarch.agent import AgentLookup, AgentState, StopAgent, Throttle
+from tetrarch.calls import DiscardAgentCall, StopAgentCall, ThrottleCall
 from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.operations import AgentInput
 from workflows.agent import AgentWorkflow
@@ -86,3 +86,9 @@ class AgentActivities:
             except Exception:
                 raise e from None
             return result
+
+    @activity.defn
+    async def throttle_agent(self, call: ThrottleCall) -> AgentState:
+        """Tell an agent it is throttled (quota enforcement)."""
+        return await update(self.client, call.target, AgentWorkflow.throttle,
+                            Throttle(throttled=call.throttled, reason=call.reason), AgentState)

@@ -7,32 +7,64 @@ acts on, so that level's worker process is the service that does the work.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from temporalio import activity
-from temporalio.client import Client
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.calls import domain_error, query, update
+from tetrarch.agent import AgentState
 from tetrarch.bootstrap import CurrentHierarchy
 from tetrarch.calls import (
     AdmitCall,
+    CheckAllocation,
     ChildCall,
+    ChildQuery,
     ConfigureCall,
     JudgeCall,
+    PlacementQuery,
+    QuotaMarkCall,
     ReadHierarchy,
+    ReclaimingCall,
     ReconfigureChildCall,
     RegisterChildCall,
     ReleaseCall,
+    ReleaseGrantsCall,
     RemovalCall,
+    ReserveCall,
     SetPolicyCall,
+    StartQuotaWatch,
+    TransferCall,
 )
-from tetrarch.decisions import Verdict
-from tetrarch.errors import Conflict, NotFound
-from tetrarch.level import AdmitResult, ChildLookup, ReconfigureResult, RegisterResult, RemovalPlan, UnregisterResult
-from tetrarch.models import ChildView, LevelRef, LevelView
+from tetrarch.decisions import PolicyCheck, Verdict
+from tetrarch.errors import CapacityExceeded, Conflict, NotFound
+from tetrarch.level import (
+    AdmitResult,
+    ChildLookup,
+    ReconfigureResult,
+    RegisterResult,
+    ReleasedGrants,
+    RemovalPlan,
+    ReserveResult,
+    UnregisterResult,
+)
+from tetrarch.models import ChildStatus, ChildView, LevelRef, LevelView, PoolView
 from tetrarch.names import Level
 from tetrarch.operations import LevelInput
-from tetrarch.policy import Policy
-from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
+from tetrarch.placement import Candidate, PlacementInfo
+from tetrarch.policy import OperationType, PlacementStrategy, Policy
+from tetrarch.pools import LedgerSnapshot
+from tetrarch.resource_ops import AllocationCheck
+from workflows.agent import AgentWorkflow
+from workflows.common import DOMAIN_KEY, LEVEL_KEY, OPERATION_KEY, SUPERVISOR_KEY
 from workflows.levels import ENTITY_RUN, ManagementEntity
 
 
@@ -144,6 +176,117 @@ class LevelActivities:
     async def judge(self, call: JudgeCall) -> Verdict:
         """The target level's verdict on an operation (a Query: nothing changes)."""
         return await query(self.client, call.target, ManagementEntity.judge, Verdict, arg=call.check)
+
+    # -- resources ----------------------------------------------------------------------------------
+
+    @activity.defn
+    async def reserve(self, call: ReserveCall) -> ReserveResult:
+        """Take the target level's share of an allocation."""
+        return await update(self.client, call.target, ManagementEntity.reserve, call.request, ReserveResult,
+                            call.request.request_id)
+
+    @activity.defn
+    async def release_grants(self, call: ReleaseGrantsCall) -> ReleasedGrants:
+        """Return allocations to the target level's pool."""
+        return await update(self.client, call.target, ManagementEntity.release_grants, call.request,
+                            ReleasedGrants, call.request.request_id)
+
+    @activity.defn
+    async def set_reclaiming(self, call: ReclaimingCall) -> PoolView:
+        """Begin or end a reclaim at the target level."""
+        return await update(self.client, call.target, ManagementEntity.set_reclaiming, call.request, PoolView,
+                            call.request.request_id)
+
+    @activity.defn
+    async def transfer_capacity(self, call: TransferCall) -> ReconfigureResult:
+        """Move nominal capacity between two children of the target level."""
+        return await update(self.client, call.target, ManagementEntity.transfer_capacity, call.request,
+                            ReconfigureResult, call.request.request_id)
+
+    @activity.defn
+    async def mark_quota(self, call: QuotaMarkCall) -> ChildView:
+        """Record the quota action taken on an agent."""
+        return await update(self.client, call.target, ManagementEntity.mark_quota, call.request, ChildView,
+                            call.request.request_id)
+
+    @activity.defn
+    async def read_pool(self, target: LevelRef) -> PoolView:
+        """The target level's pool (a Query)."""
+        return await query(self.client, target, ManagementEntity.pool, PoolView)
+
+    @activity.defn
+    async def read_ledger(self, target: LevelRef) -> LedgerSnapshot:
+        """The target level's allocation ledger (a Query)."""
+        return await query(self.client, target, ManagementEntity.ledger, LedgerSnapshot)
+
+    @activity.defn
+    async def read_child(self, call: ChildQuery) -> ChildLookup:
+        """One child of the target level (a Query)."""
+        return await query(self.client, call.target, ManagementEntity.child, ChildLookup, arg=call.name)
+
+    @activity.defn
+    async def check_allocation(self, call: CheckAllocation) -> AllocationCheck:
+        """Find the agent's supervisor and holdings, and ask its three levels' policies at once (Queries only).
+
+        The check judges the agent's total after the allocation, so a per-agent cap refuses here, before
+        anything is reserved.
+        """
+        supervisor = call.supervisor
+        agent_ref = LevelRef.agent(call.domain, call.agent)
+        if supervisor is None:
+            state = await query(self.client, agent_ref, AgentWorkflow.describe, AgentState)
+            supervisor = state.spec.supervisor
+        found = await query(self.client, LevelRef.supervisor(call.domain, supervisor), ManagementEntity.child,
+                            ChildLookup, arg=call.agent)
+        if found.child is None:
+            raise domain_error(NotFound(f"supervisor {call.domain}/{supervisor} has no agent {call.agent!r}",
+                                        level=Level.SUPERVISOR.value,
+                                        entity=LevelRef.supervisor(call.domain, supervisor).entity_id))
+        current = found.child.resources
+        check = PolicyCheck(operation=OperationType.ALLOCATE, domain=call.domain, supervisor=supervisor,
+                            agent=call.agent, resources=current + call.resources)
+        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain), LevelRef.supervisor(call.domain, supervisor)]
+        top, *verdicts = await asyncio.gather(
+            query(self.client, chain[0], ManagementEntity.pool, PoolView),
+            *(query(self.client, t, ManagementEntity.judge, Verdict, arg=check) for t in chain))
+        assert isinstance(top, PoolView)
+        short = call.resources.shortfall(top.capacity)
+        if short:  # more than the whole system has: refused before anything is reserved
+            raise domain_error(CapacityExceeded(
+                f"agent {call.domain}/{call.agent} asks {call.resources.human()}, more than the whole system has "
+                "(" + "; ".join(f"{k} {v}" for k, v in short.items()) + ")",
+                level=Level.ORCHESTRATOR.value, entity=chain[0].entity_id,
+                problems=[f"{k}: {v}" for k, v in short.items()]))
+        return AllocationCheck(supervisor=supervisor, current=current, priority=found.child.priority,
+                               verdicts=[v for v in verdicts if isinstance(v, Verdict)])
+
+    @activity.defn
+    async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:
+        """The domain's supervisors with their pools, and its placement strategy (Queries only)."""
+        manager = await query(self.client, LevelRef.manager(call.domain), ManagementEntity.describe, LevelView)
+        active = [c.name for c in manager.children if c.status is ChildStatus.ACTIVE]
+        pools = await asyncio.gather(*(query(self.client, LevelRef.supervisor(call.domain, n), ManagementEntity.pool,
+                                             PoolView) for n in active), return_exceptions=True)
+        candidates = [Candidate(name=n, pool=p) for n, p in zip(active, pools, strict=True)
+                      if isinstance(p, PoolView)]
+        return PlacementInfo(candidates=candidates,
+                             strategy=manager.policy.resources.placement or PlacementStrategy.SPREAD)
+
+    @activity.defn
+    async def start_quota_watch(self, call: StartQuotaWatch) -> bool:
+        """Start the EnforceAgentQuotas run for one overuse; False if it was already started."""
+        w = call.watch
+        wid = f"enforce-quotas/{w.domain}/{w.agent}/{int(w.since.timestamp() * 1000)}"
+        try:
+            handle: WorkflowHandle[Any, Any] = await self.client.start_workflow(
+                "EnforceAgentQuotas", w, id=wid, task_queue=activity.info().task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(OPERATION_KEY, "EnforceAgentQuotas"),
+                    SearchAttributePair(DOMAIN_KEY, w.domain), SearchAttributePair(SUPERVISOR_KEY, w.supervisor)]))
+        except WorkflowAlreadyStartedError:
+            return False
+        return handle.id == wid
 
     @activity.defn
     async def read_hierarchy(self, req: ReadHierarchy) -> CurrentHierarchy:

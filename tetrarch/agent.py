@@ -38,6 +38,19 @@ class StopAgent(BaseModel):
     reason: str = "requested"
 
 
+class UsageReport(BaseModel):
+    """What the agent runtime measured an agent using (the seed's ``reportResourceUsage``)."""
+
+    used: Resources
+
+
+class Throttle(BaseModel):
+    """The supervisor throttles an agent over its quota (or lifts it with ``throttled`` false)."""
+
+    throttled: bool = True
+    reason: str = ""
+
+
 class AgentState(BaseModel):
     """Everything an agent entity knows; carried whole across continue-as-new."""
 
@@ -46,6 +59,8 @@ class AgentState(BaseModel):
     status_reason: str = ""
     report_seq: int = 0
     tasks_completed: int = 0
+    used: Resources | None = Field(default=None, description="Its last measured use.")
+    throttled: bool = Field(default=False, description="Held back by its supervisor for using more than allocated.")
     started_at: datetime
     updated_at: datetime
     continued_as_new: int = 0
@@ -88,7 +103,7 @@ class AgentState(BaseModel):
         return LevelSummary(entity_id=self.entity_id, level=Level.AGENT, name=self.spec.name,
                             seq=self.report_seq, health=health, status=self.status.value,
                             resources=self.spec.resources, agents_by_status={self.status.value: 1},
-                            reported_at=now)
+                            used=self.used, reported_at=now)
 
 
 class AgentLookup(BaseModel):

@@ -15,12 +15,19 @@ from tetrarch.level import (
     BeginRemoval,
     ChildRef,
     ConfigureLevel,
+    QuotaMark,
+    Reclaiming,
     ReconfigureChild,
     RegisterChild,
     ReleaseAgents,
+    ReleaseGrants,
+    Reserve,
     SetPolicy,
+    TransferCapacity,
 )
 from tetrarch.models import LevelRef
+from tetrarch.resource_ops import QuotaWatch
+from tetrarch.resources import Resources
 
 
 class RegisterChildCall(BaseModel):
@@ -104,3 +111,74 @@ class DiscardAgentCall(BaseModel):
 
     target: LevelRef
     owner: str
+
+
+class ReserveCall(BaseModel):
+    """Take ``target``'s share of an allocation."""
+
+    target: LevelRef
+    request: Reserve
+
+
+class ReleaseGrantsCall(BaseModel):
+    """Return allocations to ``target``'s pool."""
+
+    target: LevelRef
+    request: ReleaseGrants
+
+
+class ReclaimingCall(BaseModel):
+    """Begin or end a reclaim at ``target``."""
+
+    target: LevelRef
+    request: Reclaiming
+
+
+class TransferCall(BaseModel):
+    """Move nominal capacity between two children of ``target``."""
+
+    target: LevelRef
+    request: TransferCapacity
+
+
+class QuotaMarkCall(BaseModel):
+    """Record a quota action on an agent of the supervisor ``target``."""
+
+    target: LevelRef
+    request: QuotaMark
+
+
+class ChildQuery(BaseModel):
+    """Read one child of ``target``."""
+
+    target: LevelRef
+    name: str
+
+
+class CheckAllocation(BaseModel):
+    """Judge an allocation at the agent's three levels before anything is reserved."""
+
+    domain: str
+    agent: str
+    resources: Resources
+    supervisor: str | None = None
+
+
+class PlacementQuery(BaseModel):
+    """Read the pools of a domain's supervisors to place a new agent."""
+
+    domain: str
+
+
+class StartQuotaWatch(BaseModel):
+    """Start the EnforceAgentQuotas run that watches one overuse (once per overuse)."""
+
+    watch: QuotaWatch
+
+
+class ThrottleCall(BaseModel):
+    """Tell the agent ``target`` it is throttled (or no longer, with ``throttled`` false)."""
+
+    target: LevelRef
+    throttled: bool = True
+    reason: str = ""

@@ -21,7 +21,16 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from tetrarch.policy import ADDS_AGENTS, LOADS_IMAGE, TAKES_RESOURCES, OperationType, Policy
+from tetrarch.policy import (
+    ADDS_AGENTS,
+    DEFAULT_QUOTA_GRACE_SECONDS,
+    LOADS_IMAGE,
+    QUOTA_ACTIONS,
+    TAKES_RESOURCES,
+    OperationType,
+    Policy,
+    QuotaAction,
+)
 from tetrarch.resources import Resources, format_cpu, format_memory
 
 
@@ -335,6 +344,8 @@ class EffectivePolicy(BaseModel):
         default_factory=list, description="An image must match one pattern of every set.")
     evolution_allowed: bool = True
     evolution_min_interval_seconds: int = 0
+    quota_action: QuotaAction = QuotaAction.FLAG
+    quota_grace_seconds: float = DEFAULT_QUOTA_GRACE_SECONDS
     decided_by: dict[str, str] = Field(default_factory=dict, description="Rule -> the level whose value is in force.")
 
 
@@ -374,6 +385,12 @@ def effective(chain: list[ChainLink]) -> EffectivePolicy:
         if (p.evolution.min_interval_seconds or 0) > eff.evolution_min_interval_seconds:
             eff.evolution_min_interval_seconds = p.evolution.min_interval_seconds or 0
             by["evolution.min_interval_seconds"] = link.level
+        action = p.resources.quota_action
+        if action is not None and QUOTA_ACTIONS.index(action) > QUOTA_ACTIONS.index(eff.quota_action):
+            eff.quota_action, by["resources.quota_action"] = action, link.level
+        grace = p.resources.quota_grace_seconds
+        if grace is not None and grace < eff.quota_grace_seconds:
+            eff.quota_grace_seconds, by["resources.quota_grace_seconds"] = grace, link.level
     return eff
 
 
@@ -487,6 +504,14 @@ def conflicts(child: Policy, child_capacity: Resources, parent: EffectivePolicy)
     if mine_interval is not None and mine_interval < parent.evolution_min_interval_seconds:
         out.append(f"evolution.min_interval_seconds: {mine_interval}s is shorter than the "
                    f"{parent.evolution_min_interval_seconds}s required above it")
+    action = child.resources.quota_action
+    if action is not None and QUOTA_ACTIONS.index(action) < QUOTA_ACTIONS.index(parent.quota_action):
+        out.append(f"resources.quota_action: {action.value} is milder than the {parent.quota_action.value} "
+                   "required above it")
+    grace = child.resources.quota_grace_seconds
+    if grace is not None and grace > parent.quota_grace_seconds:
+        out.append(f"resources.quota_grace_seconds: {grace:g}s is longer than the "
+                   f"{parent.quota_grace_seconds:g}s allowed above it")
     return out
 
 

@@ -34,7 +34,8 @@ from tetrarch.models import (
     ResourceTotals,
 )
 from tetrarch.names import ORCHESTRATOR_ID, Level, agent_id, is_valid_name, manager_id, supervisor_id
-from tetrarch.policy import DEFAULT_AGENT_RESOURCES, Policy
+from tetrarch.policy import DEFAULT_AGENT_RESOURCES, Policy, QuotaAction
+from tetrarch.pools import Grant, LedgerSnapshot, PoolTotals, allocation_key, lendable, split, totals
 from tetrarch.resources import Resources, total
 
 
@@ -47,6 +48,12 @@ class ChildRecord(BaseModel):
     status: ChildStatus = ChildStatus.ACTIVE
     request_id: str = Field(default="", description="The request that created this child.")
     last_report: LevelSummary | None = None
+    priority: int = Field(default=0, description="Agents: preemption takes the lowest priority first.")
+    used: Resources | None = Field(default=None, description="Agents: their last reported use.")
+    over_quota_since: datetime | None = Field(default=None, description="Agents: using more than allocated since.")
+    quota_action: QuotaAction | None = Field(default=None, description="Agents: the quota action already taken.")
+    quota_watch: datetime | None = Field(
+        default=None, description="Agents: the overuse (by its start) an EnforceAgentQuotas run already watches.")
 
 
 class RegisterChild(BaseModel):
@@ -59,6 +66,86 @@ class RegisterChild(BaseModel):
     policy: Policy = Field(default_factory=Policy)
     check: PolicyCheck | None = Field(
         default=None, description="For agents: the operation, judged by this level's policy before admission.")
+    escalate: bool = Field(
+        default=False, description="Agents: what the supervisor cannot pay is left to borrow from the domain.")
+    priority: int = 0
+
+
+class Reserve(BaseModel):
+    """Take this level's share of an allocation: what it can pay, the rest to borrow from its parent.
+
+    Idempotent on ``key``: a retried step gets the grant it already made.
+    """
+
+    request_id: str
+    key: str = Field(description="The allocation's key ('<domain>/<agent>#<allocation id>').")
+    child: str = Field(description="The child it goes to: the agent (supervisor), supervisor (manager) or domain.")
+    resources: Resources = Field(description="What is asked of this level.")
+    escalate: bool = Field(default=True, description="May leave what it cannot pay to its parent.")
+    check: PolicyCheck | None = Field(
+        default=None, description="Judged by this level's policy first; ``resources`` there is the agent's total "
+                                  "after this allocation (supervisors fill it in from their ledger).")
+    priority: int = 0
+
+
+class ReserveResult(BaseModel):
+    """The grant this level made and what is left to ask of its parent."""
+
+    grant: Grant
+    remainder: Resources
+    created: bool
+    agent_total: Resources = Field(default_factory=Resources,
+                                   description="Supervisors: the agent's whole allocation after this one.")
+
+
+class ReleaseGrants(BaseModel):
+    """Return allocations to this level's pool: by key, or every grant of one agent.
+
+    With ``owner`` only grants made by that request are released (compensation). Unknown keys are
+    ignored, so a release is exactly-once however often it is retried.
+    """
+
+    request_id: str = ""
+    keys: list[str] = Field(default_factory=list)
+    agent: str | None = Field(default=None, description="'<domain>/<agent>': every grant it holds here.")
+    owner: str | None = None
+    keep_spawn: bool = Field(default=False, description="With ``agent``: keep its spawn allocation.")
+
+
+class ReleasedGrants(BaseModel):
+    """The grants a release returned (empty when they were already gone)."""
+
+    released: list[Grant] = Field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        """The released allocations' keys."""
+        return [g.key for g in self.released]
+
+
+class TransferCapacity(BaseModel):
+    """Move nominal capacity from one child's slice to another's (balancing); the pool's free is unchanged."""
+
+    request_id: str = ""
+    source: str
+    target: str
+    resources: Resources
+
+
+class Reclaiming(BaseModel):
+    """Start (``resources`` set) or stop (None) wanting lent capacity back; while set nothing new is lent."""
+
+    request_id: str = ""
+    resources: Resources | None = None
+
+
+class QuotaMark(BaseModel):
+    """Record the quota action taken on an agent (so it is taken once per overuse)."""
+
+    request_id: str = ""
+    agent: str
+    action: QuotaAction
+    since: datetime
 
 
 class AdmitAgents(BaseModel):
@@ -105,6 +192,7 @@ class RegisterResult(BaseModel):
 
     child: ChildView
     created: bool
+    grant: Grant | None = Field(default=None, description="Agents: the spawn allocation's share at this level.")
 
 
 class ReconfigureChild(BaseModel):
@@ -146,6 +234,8 @@ class UnregisterResult(BaseModel):
     """What removing a child gave back to the pool (None when it was already gone)."""
 
     released: Resources | None = None
+    grants: list[Grant] = Field(default_factory=list,
+                                description="Agents: the allocations released with it (to release above too).")
 
 
 class ConfigureLevel(BaseModel):
@@ -181,6 +271,9 @@ class LevelState(BaseModel):
     children: dict[str, ChildRecord] = Field(default_factory=dict)
     admitted_agents: dict[str, str] = Field(
         default_factory=dict, description="Orchestrator and managers: agents counted in (key -> request id).")
+    grants: dict[str, Grant] = Field(default_factory=dict, description="This level's shares of allocations.")
+    reclaiming: Resources | None = Field(
+        default=None, description="Capacity this level wants back; while set it lends nothing new.")
     report_seq: int = 0
     created_at: datetime
     updated_at: datetime
@@ -225,14 +318,38 @@ class LevelState(BaseModel):
     # -- pool ---------------------------------------------------------------------------------------
 
     @property
-    def granted(self) -> Resources:
-        """Sum of every child's slice."""
+    def carved(self) -> Resources:
+        """Nominal slices of children (agents hold allocations, which are grants, not slices)."""
+        if self.level is Level.SUPERVISOR:
+            return Resources()
         return total([c.resources for c in self.children.values()])
 
     @property
+    def granted(self) -> Resources:
+        """What this level's capacity funds: children's slices plus its own shares of allocations."""
+        return self.carved + total([g.own for g in self.grants.values()])
+
+    @property
     def free(self) -> Resources:
-        """Capacity not carved for any child."""
+        """Capacity neither carved for a child nor granted to an allocation."""
         return self.capacity.minus(self.granted)
+
+    def pool(self) -> PoolTotals:
+        """Capacity, granted, free, borrowed, lent."""
+        return totals(self.capacity, self.carved, list(self.grants.values()),
+                      lends=self.level is not Level.SUPERVISOR)
+
+    def snapshot(self) -> LedgerSnapshot:
+        """This level's ledger, for a conservation audit."""
+        parent = None if self.level is Level.ORCHESTRATOR else (
+            ORCHESTRATOR_ID if self.level is Level.MANAGER else manager_id(self.domain or ""))
+        is_sup = self.level is Level.SUPERVISOR
+        return LedgerSnapshot(
+            entity_id=self.entity_id, level=self.level.value, name=self.name, parent=parent, capacity=self.capacity,
+            carved=self.carved,
+            children_slices={} if is_sup else {n: c.resources for n, c in self.children.items()},
+            agents={n: c.resources for n, c in self.children.items()} if is_sup else {},
+            grants=[self.grants[k] for k in sorted(self.grants)])
 
     # -- policy -------------------------------------------------------------------------------------
 
@@ -315,7 +432,11 @@ class LevelState(BaseModel):
         return child
 
     def register_child(self, req: RegisterChild, now: datetime, cache: DecisionCache | None = None) -> RegisterResult:
-        """Admit a child, carving its slice from the free pool; identical re-registration is a no-op."""
+        """Admit a child, carving its slice from the free pool; identical re-registration is a no-op.
+
+        An agent's resources are not a carved slice but its spawn allocation: the supervisor pays what
+        it can and, with ``escalate``, leaves the rest to borrow from its domain (see :meth:`reserve`).
+        """
         kind = self.child_level.value
         resources = req.resources if req.resources is not None else (
             self.policy.default_agent_resources or DEFAULT_AGENT_RESOURCES)
@@ -323,19 +444,22 @@ class LevelState(BaseModel):
             raise InvalidRequest(
                 f"{kind} name {req.name!r} is not a lowercase DNS label (a-z, 0-9, '-', at most 63)",
                 level=self.level.value, entity=self.entity_id)
+        is_agent = self.child_level is Level.AGENT
         existing = self.children.get(req.name)
         if existing is not None:
-            if existing.resources == resources and existing.policy == req.policy:
+            spawn = self._spawn_grant(req.name) if is_agent else None
+            defined = spawn.size if spawn is not None else existing.resources
+            if defined == resources and existing.policy == req.policy:
                 if existing.status is ChildStatus.REMOVING:
                     raise Conflict(f"{kind} {req.name!r} is being removed",
                                    level=self.level.value, entity=self.entity_id)
                 return RegisterResult(child=self.view_child(req.name),
-                                      created=existing.request_id == req.request_id)
+                                      created=existing.request_id == req.request_id, grant=spawn)
             raise Conflict(
                 f"{kind} {req.name!r} already exists in {self.scope} with a different definition "
-                f"(has {existing.resources.human()}, asked {resources.human()})",
+                f"(has {defined.human()}, asked {resources.human()})",
                 level=self.level.value, entity=self.entity_id,
-                data={"existing": existing.resources.model_dump(), "requested": resources.model_dump()})
+                data={"existing": defined.model_dump(), "requested": resources.model_dump()})
         self._require_active(f"admit {kind} {req.name!r}")
         if req.check is not None:
             self._enforce(req.check.model_copy(update={"resources": resources}), cache)
@@ -344,6 +468,19 @@ class LevelState(BaseModel):
             raise LimitExceeded(
                 f"{self.scope} admits at most {limit} {kind}s (policy v{self.policy.version} max_children)",
                 level=self.level.value, entity=self.entity_id)
+        if is_agent:
+            assert self.domain is not None
+            key = allocation_key(self.domain, req.name, req.request_id)
+            grant = None
+            if not resources.is_zero():
+                own, rest = self._split(resources, req.escalate, f"{kind} {req.name!r}", lending=False)
+                grant = Grant(key=key, agent=f"{self.domain}/{req.name}", child=req.name, own=own, borrowed=rest,
+                              request_id=req.request_id, priority=req.priority, spawn=True, created_at=now)
+                self.grants[key] = grant
+            self.children[req.name] = ChildRecord(name=req.name, resources=resources, policy=req.policy,
+                                                  request_id=req.request_id, priority=req.priority)
+            self.updated_at = now
+            return RegisterResult(child=self.view_child(req.name), created=True, grant=grant)
         short = resources.shortfall(self.free)
         if short:
             raise CapacityExceeded(
@@ -355,10 +492,143 @@ class LevelState(BaseModel):
         self.updated_at = now
         return RegisterResult(child=self.view_child(req.name), created=True)
 
+    # -- allocations ----------------------------------------------------------------------------------
+
+    def _spawn_grant(self, agent: str) -> Grant | None:
+        return next((g for g in self.grants.values() if g.child == agent and g.spawn), None)
+
+    def _may_borrow(self) -> bool:
+        return self.level is not Level.ORCHESTRATOR and self.policy.resources.borrowing is not False
+
+    def _split(self, request: Resources, escalate: bool, what: str, lending: bool) -> tuple[Resources, Resources]:
+        """What this level pays of ``request`` and what it leaves to its parent; refuse if it must pay all."""
+        if request.is_zero():
+            raise InvalidRequest(f"{self.scope}: an allocation for {what} must ask for some cpu, memory or gpu",
+                                 level=self.level.value, entity=self.entity_id)
+        if lending and self.reclaiming is not None:
+            raise CapacityExceeded(
+                f"{self.scope} lends nothing new while it reclaims {self.reclaiming.human()} it lent out",
+                level=self.level.value, entity=self.entity_id, data={"reclaiming": self.reclaiming.model_dump()})
+        pool = self.pool()
+        available = lendable(pool.free, pool.lent, self.policy.resources.lending_limit) if lending else pool.free
+        own, rest = split(request, available, escalate and self._may_borrow())
+        if not rest.is_zero() and not (escalate and self._may_borrow()):
+            short = request.shortfall(available)
+            why = ("" if available == pool.free else
+                   f" (lending limit {self.policy.resources.lending_limit})")
+            tail = "" if self.level is Level.ORCHESTRATOR or not escalate else "; borrowing from above is off"
+            raise CapacityExceeded(
+                f"{self.scope} cannot allocate {request.human()} for {what}: "
+                + "; ".join(f"{k} {v}" for k, v in short.items()) + why + tail,
+                level=self.level.value, entity=self.entity_id, problems=[f"{k}: {v}" for k, v in short.items()])
+        return own, rest
+
+    def reserve(self, req: Reserve, now: datetime, cache: DecisionCache | None = None) -> ReserveResult:
+        """Take this level's share of an allocation (all of it at the top); idempotent on the key."""
+        existing = self.grants.get(req.key)
+        if existing is not None:
+            if existing.child != req.child or existing.size != req.resources:
+                raise Conflict(f"allocation {req.key} already holds {existing.size.human()} at {self.scope} "
+                               f"for {existing.child}; asked {req.resources.human()} for {req.child}",
+                               level=self.level.value, entity=self.entity_id)
+            return ReserveResult(grant=existing, remainder=existing.borrowed, created=False,
+                                 agent_total=self._agent_total(req.child))
+        self._require_active("allocate")
+        child = self._child(req.child)
+        if child.status is not ChildStatus.ACTIVE:
+            raise Conflict(f"{self.child_level.value} {req.child!r} is being removed; it gets no new resources",
+                           level=self.level.value, entity=self.entity_id)
+        is_sup = self.level is Level.SUPERVISOR
+        after = (child.resources + req.resources) if is_sup else None
+        if req.check is not None:
+            check = req.check if after is None else req.check.model_copy(update={"resources": after})
+            self._enforce(check, cache)
+        own, rest = self._split(req.resources, req.escalate, f"agent {req.key.split('#')[0]}", lending=not is_sup)
+        grant = Grant(key=req.key, agent=req.key.split("#", 1)[0], child=req.child, own=own, borrowed=rest,
+                      request_id=req.request_id, priority=req.priority if not is_sup else child.priority,
+                      created_at=now)
+        self.grants[req.key] = grant
+        if after is not None:
+            child.resources = after
+        self.updated_at = now
+        return ReserveResult(grant=grant, remainder=rest, created=True, agent_total=self._agent_total(req.child))
+
+    def _agent_total(self, child: str) -> Resources:
+        if self.level is not Level.SUPERVISOR or child not in self.children:
+            return Resources()
+        return self.children[child].resources
+
+    def release(self, req: ReleaseGrants, now: datetime) -> ReleasedGrants:
+        """Return allocations (by key or by agent) to the pool; exactly once, whatever the retries."""
+        chosen = [k for k in dict.fromkeys(req.keys) if k in self.grants]
+        if req.agent is not None:
+            chosen += [k for k, g in self.grants.items()
+                       if g.agent == req.agent and k not in chosen and not (req.keep_spawn and g.spawn)]
+        released: list[Grant] = []
+        for key in chosen:
+            grant = self.grants[key]
+            if req.owner is not None and grant.request_id != req.owner:
+                continue
+            del self.grants[key]
+            released.append(grant)
+            holder = self.children.get(grant.child)
+            if self.level is Level.SUPERVISOR and holder is not None:
+                holder.resources = holder.resources.minus(grant.size)
+        if released:
+            self.updated_at = now
+            if self.reclaiming is not None and self.reclaiming.fits_in(self.free):
+                self.reclaiming = None
+        return ReleasedGrants(released=released)
+
+    def set_reclaiming(self, req: Reclaiming, now: datetime) -> PoolTotals:
+        """Begin or end a reclaim: while it runs, this level lends nothing new."""
+        self.reclaiming = None if req.resources is None or req.resources.fits_in(self.free) else req.resources
+        self.updated_at = now
+        return self.pool()
+
+    def transfer_capacity(self, req: TransferCapacity, now: datetime) -> ReconfigureResult:
+        """Move nominal capacity between two children's slices (the pool's free is unchanged)."""
+        source, target = self._child(req.source), self._child(req.target)
+        short = req.resources.shortfall(source.resources)
+        if short:
+            raise CapacityExceeded(
+                f"{self.scope} cannot move {req.resources.human()} from {req.source!r}: "
+                + "; ".join(f"{k} {v}" for k, v in short.items()),
+                level=self.level.value, entity=self.entity_id, problems=[f"{k}: {v}" for k, v in short.items()])
+        previous = source.resources
+        source.resources = source.resources.minus(req.resources)
+        target.resources = target.resources + req.resources
+        self.updated_at = now
+        return ReconfigureResult(child=self.view_child(req.target), previous_resources=previous,
+                                 previous_policy=source.policy)
+
+    def mark_quota(self, req: QuotaMark, now: datetime) -> ChildView:
+        """Record the quota action taken on an agent over its allocation since ``req.since``."""
+        child = self._child(req.agent)
+        if child.over_quota_since == req.since:
+            child.quota_action = req.action
+            self.updated_at = now
+        return self.view_child(req.agent)
+
+    def watches_due(self) -> list[tuple[str, datetime]]:
+        """Agents over their allocation whose overuse no EnforceAgentQuotas run watches yet."""
+        return sorted((n, c.over_quota_since) for n, c in self.children.items()
+                      if c.over_quota_since is not None and c.quota_watch != c.over_quota_since)
+
+    def mark_watched(self, name: str, since: datetime) -> None:
+        """An EnforceAgentQuotas run now watches this overuse."""
+        child = self.children.get(name)
+        if child is not None:
+            child.quota_watch = since
+
     def reconfigure_child(self, req: ReconfigureChild, now: datetime) -> ReconfigureResult:
         """Resize a child's slice (it must fit in free + its old slice) and/or replace its policy."""
         child = self._child(req.name)
         previous_resources, previous_policy = child.resources, child.policy
+        if req.resources is not None and req.resources != child.resources and self.level is Level.SUPERVISOR:
+            raise InvalidRequest(f"agent {req.name!r} holds allocations, not a slice: change its resources by "
+                                 "allocating or releasing (AllocateResources / ReleaseResources)",
+                                 level=self.level.value, entity=self.entity_id)
         if req.resources is not None and req.resources != child.resources:
             available = self.free + child.resources
             short = req.resources.shortfall(available)
@@ -396,8 +666,13 @@ class LevelState(BaseModel):
         if child is None or (ref.owner is not None and child.request_id != ref.owner):
             return UnregisterResult(released=None)
         del self.children[ref.name]
+        grants: list[Grant] = []
+        if self.level is Level.SUPERVISOR:
+            grants = [g for g in self.grants.values() if g.child == ref.name]
+            for g in grants:
+                del self.grants[g.key]
         self.updated_at = now
-        return UnregisterResult(released=child.resources)
+        return UnregisterResult(released=child.resources, grants=grants)
 
     def configure(self, req: ConfigureLevel, now: datetime) -> LevelView:
         """Change own capacity (never below what children hold) and/or policy (never below their count)."""
@@ -453,6 +728,13 @@ class LevelState(BaseModel):
         if child.last_report is not None and report.seq <= child.last_report.seq:
             return False
         child.last_report = report
+        if self.level is Level.SUPERVISOR and report.used is not None:
+            child.used = report.used
+            over = not report.used.fits_in(child.resources)
+            if not over:
+                child.over_quota_since, child.quota_action = None, None
+            elif child.over_quota_since is None:
+                child.over_quota_since = report.reported_at or self.updated_at
         return True
 
     # -- views --------------------------------------------------------------------------------------
@@ -461,7 +743,16 @@ class LevelState(BaseModel):
         """One child as this level sees it."""
         c = self.children[name]
         return ChildView(name=c.name, entity_id=self.child_entity_id(c.name), status=c.status,
-                         resources=c.resources, policy=c.policy, last_report=c.last_report)
+                         resources=c.resources, policy=c.policy, last_report=c.last_report, used=c.used,
+                         over_quota_since=c.over_quota_since,
+                         quota_action=c.quota_action.value if c.quota_action is not None else None,
+                         priority=c.priority)
+
+    def pool_view(self) -> PoolView:
+        """The pool as the ManagementLevel face shows it."""
+        p = self.pool()
+        return PoolView(capacity=p.capacity, granted=p.granted, free=p.free, borrowed=p.borrowed, lent=p.lent,
+                        allocated=p.allocated, allocations=len(self.grants), reclaiming=self.reclaiming)
 
     def health(self) -> Health:
         """Draining while being removed; degraded if anything below reports trouble."""
@@ -502,8 +793,8 @@ class LevelState(BaseModel):
                 continue
             for status, n in r.agents_by_status.items():
                 agents[status] = agents.get(status, 0) + n
-            for key, totals in r.resources_by_level.items():
-                by_level[key] = by_level.get(key, ResourceTotals()).plus(totals)
+            for key, sub in r.resources_by_level.items():
+                by_level[key] = by_level.get(key, ResourceTotals()).plus(sub)
         if self.level is Level.SUPERVISOR:
             supervisors = 1
         return LevelSummary(entity_id=self.entity_id, level=self.level, name=self.name, seq=self.report_seq,
@@ -516,7 +807,7 @@ class LevelState(BaseModel):
         return LevelView(
             id=self.entity_id, level=self.level, scope=self.scope, domain=self.domain, name=self.name,
             status=self.status, policy=self.policy,
-            pool=PoolView(capacity=self.capacity, granted=self.granted, free=self.free),
+            pool=self.pool_view(),
             health=self.health(), children=[self.view_child(n) for n in sorted(self.children)],
             metrics=self.summary(now), created_at=self.created_at, updated_at=self.updated_at,
             run_updates=run_updates, continued_as_new=self.continued_as_new, agents=self.agent_count,

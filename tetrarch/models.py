@@ -45,11 +45,19 @@ class AgentStatus(StrEnum):
 
 
 class PoolView(BaseModel):
-    """A level's pool: its capacity, what it has carved for its children, and what is free."""
+    """A level's pool: capacity = granted + free; what it borrowed from its parent and lent below beside."""
 
     capacity: Resources
-    granted: Resources
+    granted: Resources = Field(description="Carved for children plus this level's own share of allocations.")
     free: Resources
+    borrowed: Resources = Field(default_factory=Resources, description="Held from the parent for allocations.")
+    lent: Resources = Field(default_factory=Resources,
+                            description="Own capacity lent to requests that escalated from below.")
+    allocated: Resources = Field(default_factory=Resources,
+                                 description="Everything allocations hold through this level (own + borrowed).")
+    allocations: int = Field(default=0, description="Allocations with a share at this level.")
+    reclaiming: Resources | None = Field(
+        default=None, description="Set while this level wants lent capacity back: it lends nothing new.")
 
 
 class ResourceTotals(BaseModel):
@@ -73,6 +81,7 @@ class LevelSummary(BaseModel):
     health: Health = Health.HEALTHY
     status: str = Field(default="active", description="Agent status for agents; lifecycle for levels.")
     resources: Resources = Field(default_factory=Resources, description="What this entity holds (its capacity).")
+    used: Resources | None = Field(default=None, description="Agents: what the runtime measured it using.")
     supervisors: int = 0
     agents_by_status: dict[str, int] = Field(default_factory=dict)
     resources_by_level: dict[str, ResourceTotals] = Field(default_factory=dict)
@@ -88,6 +97,10 @@ class ChildView(BaseModel):
     resources: Resources
     policy: Policy = Field(default_factory=Policy)
     last_report: LevelSummary | None = None
+    used: Resources | None = Field(default=None, description="Agents: their last reported use.")
+    over_quota_since: datetime | None = Field(default=None, description="Agents: using more than allocated since.")
+    quota_action: str | None = Field(default=None, description="Agents: the quota action taken (throttle, stop).")
+    priority: int = 0
 
 
 class LevelView(BaseModel):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tetrarch.agent import AgentState
 from tetrarch.level import LevelState
 from tetrarch.models import ChildView, LevelView
-from tetrarch.policy import Policy
+from tetrarch.policy import PlacementStrategy, Policy
 from tetrarch.resources import Resources
 
 
@@ -87,13 +87,18 @@ class ScaleSupervisorsRequest(_Request):
 
 
 class SpawnAgentRequest(_Request):
-    """Start an agent under a supervisor with a slice of the supervisor's pool."""
+    """Start an agent under a supervisor, allocating its resources (escalating to the domain and global pools
+    for what the supervisor cannot pay)."""
 
     domain: str
-    supervisor: str
+    supervisor: str | None = Field(
+        default=None, description="Left out: the domain places the agent (its policy's placement strategy).")
     name: str
     resources: Resources | None = Field(
         default=None, description="Defaults to the supervisor policy's default (1 CPU / 1Gi).")
+    priority: int = Field(default=0, description="Preemption takes lower priorities first.")
+    placement: PlacementStrategy | None = Field(
+        default=None, description="Overrides the domain's placement strategy when no supervisor is named.")
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -125,6 +130,9 @@ class AgentResult(BaseModel):
 
     agent: ChildView
     created: bool = False
+    supervisor: str | None = Field(default=None, description="The supervisor it runs under (placed or named).")
+    borrowed: Resources | None = Field(
+        default=None, description="What its supervisor borrowed from above for it (zero: paid alone).")
 
 
 class RemovalResult(BaseModel):

@@ -118,6 +118,56 @@ class EvolutionPolicy(_Strict):
     min_interval_seconds: int | None = Field(default=None, ge=0)
 
 
+class ReclaimMode(StrEnum):
+    """What a level does when it needs capacity it lent out and idle borrowers did not give enough back."""
+
+    REFUSE = "refuse"  # lend nothing new until enough is back; the request that needed it is refused
+    PREEMPT = "preempt"  # after a grace period, stop the lowest-priority borrowers until enough is back
+
+
+class QuotaAction(StrEnum):
+    """What happens to an agent that reports using more than it was allocated, once the grace is over."""
+
+    FLAG = "flag"
+    THROTTLE = "throttle"
+    STOP = "stop"
+
+
+#: From the mildest to the strictest (the effective action is the strictest in the chain).
+QUOTA_ACTIONS = (QuotaAction.FLAG, QuotaAction.THROTTLE, QuotaAction.STOP)
+
+
+class PlacementStrategy(StrEnum):
+    """How a domain picks the supervisor of a new agent (``optimizeAgentPlacement``)."""
+
+    BIN_PACK = "bin-pack"  # the fullest supervisor that still fits: keeps whole supervisors free
+    SPREAD = "spread"  # the emptiest supervisor: spreads load and failure
+
+
+class ResourcePolicy(_Strict):
+    """How this level's pool is lent, reclaimed and enforced. ``None``: the default (or the parent's rule).
+
+    ``borrowing``, ``lending_limit``, ``reclaim`` and ``placement`` are this level's own settings; the
+    quota rules combine down the chain (the strictest action, the shortest grace).
+    """
+
+    borrowing: bool | None = Field(
+        default=None, description="May requests this level cannot pay escalate to its parent (default yes).")
+    lending_limit: ResourceCap | None = Field(
+        default=None, description="Most of this level's capacity lent to requests escalated from below "
+                                  "(Kueue's lendingLimit); the rest stays for its own children.")
+    reclaim: ReclaimMode | None = Field(
+        default=None, description="When idle borrowers do not give back enough: refuse (default) or preempt.")
+    preempt_grace_seconds: float | None = Field(
+        default=None, ge=0, description="How long borrowers are warned before preemption (default 30).")
+    quota_action: QuotaAction | None = Field(
+        default=None, description="For an agent using more than allocated: flag (default), throttle or stop.")
+    quota_grace_seconds: float | None = Field(
+        default=None, ge=0, description="How long an agent may stay over its allocation first (default 60).")
+    placement: PlacementStrategy | None = Field(
+        default=None, description="Managers: how spawns without a supervisor pick one (default spread).")
+
+
 class Policy(_Strict):
     """What a level allows. ``None`` anywhere means no rule here (the ancestors' rules still apply)."""
 
@@ -136,6 +186,7 @@ class Policy(_Strict):
     evolution: EvolutionPolicy = Field(default_factory=EvolutionPolicy)
     default_agent_resources: Resources | None = Field(
         default=None, description="What an agent gets when its spawn request names no resources.")
+    resources: ResourcePolicy = Field(default_factory=ResourcePolicy)
 
     def rules(self) -> Policy:
         """This policy with its bookkeeping (version, template) cleared: two policies with equal rules are equal."""
@@ -143,6 +194,8 @@ class Policy(_Strict):
 
 
 DEFAULT_AGENT_RESOURCES = Resources.of(cpu=1, memory="1Gi")
+DEFAULT_QUOTA_GRACE_SECONDS = 60.0
+DEFAULT_PREEMPT_GRACE_SECONDS = 30.0
 
 #: The seed's per-agent CPU shares by level: global 50%, domain 10%, supervisor 5%.
 _STANDARD_CPU_SHARE = {"orchestrator": 50.0, "manager": 10.0, "supervisor": 5.0}

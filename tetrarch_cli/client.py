@@ -19,12 +19,13 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from tetrarch.agent import AgentState
+from tetrarch.agent import AgentState, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import Decision, PolicyCheck, Verdict
 from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
-from tetrarch.models import ChildView, LevelRef, LevelView
-from tetrarch.names import Level, TaskQueues
+from tetrarch.level import ChildLookup
+from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
+from tetrarch.names import Level, TaskQueues, agent_id
 from tetrarch.operations import (
     AgentResult,
     ApplyResult,
@@ -45,12 +46,32 @@ from tetrarch.operations import (
     SupervisorResult,
     SystemStatus,
 )
+from tetrarch.pools import AuditReport, LedgerSnapshot, audit
+from tetrarch.resource_ops import (
+    AllocateRequest,
+    AllocationResult,
+    AllocationsView,
+    BalanceRequest,
+    BalanceResult,
+    PoolsView,
+    ReclaimRequest,
+    ReclaimResult,
+    ReleaseRequest,
+    ReleaseResult,
+)
+from tetrarch.resources import Resources
 from workflows.agent import AgentWorkflow
 from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagementEntity
 from workflows.policies import SetPolicyWorkflow
+from workflows.resources import (
+    AllocateResourcesWorkflow,
+    BalanceSupervisorLoadWorkflow,
+    ReclaimResourcesWorkflow,
+    ReleaseResourcesWorkflow,
+)
 from workflows.supervisors import (
     ConfigureSupervisorWorkflow,
     CreateSupervisorWorkflow,
@@ -211,9 +232,76 @@ class TetrarchClient:
         return Decision(allowed=True, verdicts=list(verdicts))
 
     async def _query_arg(self, target: LevelRef, method: Any, arg: Any, result_type: type[R]) -> R:
-        await self._query(target, ManagementEntity.describe, LevelView)  # NotFound for a missing level
+        await self._query(target, ManagementEntity.pool, PoolView)  # NotFound for a missing level
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
         return await handle.query(method, arg, result_type=result_type)  # type: ignore[no-any-return]
+
+    # -- resources ----------------------------------------------------------------------------------
+
+    async def allocate(self, req: AllocateRequest) -> AllocationResult:
+        """More resources for an agent: its supervisor's pool, else borrowed from its domain, else global."""
+        return await self._execute(AllocateResourcesWorkflow.run, req, Level.SUPERVISOR, "allocate",
+                                   f"{req.domain}/{req.agent}", AllocationResult)
+
+    async def release(self, req: ReleaseRequest) -> ReleaseResult:
+        """Give an allocation (or every extra allocation) of an agent back, each part where it came from."""
+        return await self._execute(ReleaseResourcesWorkflow.run, req, Level.SUPERVISOR, "release",
+                                   f"{req.domain}/{req.agent}", ReleaseResult)
+
+    async def balance(self, req: BalanceRequest) -> BalanceResult:
+        """Move free nominal capacity between a domain's supervisors toward those that borrow."""
+        return await self._execute(BalanceSupervisorLoadWorkflow.run, req, Level.MANAGER, "balance", req.domain,
+                                   BalanceResult)
+
+    async def reclaim(self, req: ReclaimRequest) -> ReclaimResult:
+        """A level (a domain, or global) asks back capacity it lent out."""
+        level = Level.MANAGER if req.domain else Level.ORCHESTRATOR
+        return await self._execute(ReclaimResourcesWorkflow.run, req, level, "reclaim", req.domain or "global",
+                                   ReclaimResult)
+
+    async def report_usage(self, domain: str, agent: str, used: Resources) -> AgentState:
+        """Report what an agent uses (what its runtime measured); its supervisor checks it against its quota."""
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(agent_id(domain, agent))
+        await self._query(LevelRef.agent(domain, agent), AgentWorkflow.describe, AgentState)  # NotFound if gone
+        state: AgentState = await handle.execute_update(AgentWorkflow.report_usage, UsageReport(used=used))
+        return state
+
+    async def allocations(self, domain: str, agent: str) -> AllocationsView:
+        """An agent's allocations, each with what its supervisor paid and borrowed."""
+        state = await self.agent_status(domain, agent)
+        sup = LevelRef.supervisor(domain, state.spec.supervisor)
+        ledger = await self._query(sup, ManagementEntity.ledger, LedgerSnapshot)
+        found = await self._query_arg(sup, ManagementEntity.child, agent, ChildLookup)
+        if found.child is None:
+            raise NotFound(f"supervisor {domain}/{state.spec.supervisor} holds no agent {agent!r}",
+                           level="supervisor", entity=sup.entity_id)
+        return AllocationsView(domain=domain, supervisor=state.spec.supervisor, agent=found.child,
+                               grants=[g for g in ledger.grants if g.child == agent])
+
+    async def ledgers(self, domains: list[str] | None = None) -> list[LedgerSnapshot]:
+        """Every level's allocation ledger (orchestrator, managers, supervisors), read at once."""
+        orch = await self.describe(LevelRef.orchestrator())
+        names = [c.name for c in orch.children if domains is None or c.name in domains]
+        refs = [LevelRef.orchestrator(), *(LevelRef.manager(d) for d in names)]
+        managers = await asyncio.gather(*(self.describe(LevelRef.manager(d)) for d in names))
+        for d, view in zip(names, managers, strict=True):
+            refs += [LevelRef.supervisor(d, c.name) for c in view.children]
+        return list(await asyncio.gather(*(self._query(r, ManagementEntity.ledger, LedgerSnapshot) for r in refs)))
+
+    async def pools(self, domains: list[str] | None = None) -> PoolsView:
+        """Every level's pool: capacity, granted, borrowed, lent, free."""
+        refs = [LevelRef.orchestrator()]
+        orch = await self.describe(LevelRef.orchestrator())
+        names = [c.name for c in orch.children if domains is None or c.name in domains]
+        managers = await asyncio.gather(*(self.describe(LevelRef.manager(d)) for d in names))
+        for d, view in zip(names, managers, strict=True):
+            refs += [LevelRef.manager(d), *(LevelRef.supervisor(d, c.name) for c in view.children)]
+        pools = await asyncio.gather(*(self._query(r, ManagementEntity.pool, PoolView) for r in refs))
+        return PoolsView(pools={r.entity_id: p for r, p in zip(refs, pools, strict=True)})
+
+    async def audit(self, domains: list[str] | None = None) -> AuditReport:
+        """Check conservation across every ledger (meaningful when no operation is running)."""
+        return audit(await self.ledgers(domains))
 
     # -- status (fast path: queries) ------------------------------------------------------------------
 

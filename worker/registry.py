@@ -16,6 +16,13 @@ from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
 from workflows.policies import SetPolicyWorkflow
+from workflows.resources import (
+    AllocateResourcesWorkflow,
+    BalanceSupervisorLoadWorkflow,
+    EnforceAgentQuotasWorkflow,
+    ReclaimResourcesWorkflow,
+    ReleaseResourcesWorkflow,
+)
 from workflows.supervisors import (
     ConfigureSupervisorWorkflow,
     CreateSupervisorWorkflow,
@@ -25,10 +32,12 @@ from workflows.supervisors import (
 
 WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
     Level.ORCHESTRATOR: (OrchestratorWorkflow, ApplyHierarchyWorkflow, CreateDomainWorkflow,
-                         ConfigureDomainWorkflow, RemoveDomainWorkflow, SetPolicyWorkflow),
+                         ConfigureDomainWorkflow, RemoveDomainWorkflow, SetPolicyWorkflow, ReclaimResourcesWorkflow),
     Level.MANAGER: (ManagerWorkflow, CreateSupervisorWorkflow, ConfigureSupervisorWorkflow,
-                    RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow, SetPolicyWorkflow),
-    Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow),
+                    RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow, SetPolicyWorkflow,
+                    BalanceSupervisorLoadWorkflow, ReclaimResourcesWorkflow),
+    Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow,
+                       AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 
@@ -42,9 +51,11 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
 
     if level is Level.AGENT:
         a = AgentActivities(client)
-        return [a.start_agent, a.find_agent, a.stop_agent, a.discard_agent]
+        return [a.start_agent, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent]
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
             lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
-            lv.release_agents, lv.set_policy, lv.judge]
+            lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,
+            lv.transfer_capacity, lv.mark_quota, lv.read_pool, lv.read_ledger, lv.read_child, lv.check_allocation,
+            lv.placement_candidates, lv.start_quota_watch]

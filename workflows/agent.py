@@ -12,7 +12,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.agent import AgentState, StopAgent
+    from tetrarch.agent import AgentState, StopAgent, Throttle, UsageReport
     from tetrarch.errors import TetrarchError
     from tetrarch.models import AgentStatus, LevelSummary
     from tetrarch.names import supervisor_id
@@ -83,6 +83,24 @@ class AgentWorkflow(EntityLoop):
             self.state.model_copy(deep=True).request_stop(req, workflow.now())
         except TetrarchError as e:
             raise to_application_error(e) from None
+
+    @workflow.update
+    def report_usage(self, report: UsageReport) -> AgentState:
+        """Record what the runtime measured; the supervisor hears it in the next report."""
+        self.state.used = report.used
+        self.state.updated_at = workflow.now()
+        self._touch()
+        return self.state
+
+    @workflow.update
+    def throttle(self, req: Throttle) -> AgentState:
+        """The supervisor holds this agent back (quota enforcement) or lets it go again."""
+        self.state.throttled = req.throttled
+        if req.reason:
+            self.state.status_reason = req.reason
+        self.state.updated_at = workflow.now()
+        self._touch()
+        return self.state
 
     @workflow.query
     def describe(self) -> AgentState:

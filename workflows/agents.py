@@ -24,10 +24,12 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
     from tetrarch.operations import AgentInput, AgentResult, RemovalResult, SpawnAgentRequest, StopAgentRequest
+    from tetrarch.placement import place
     from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
     from tetrarch.resources import Resources
 
 from workflows import steps
+from workflows.allocation import escalate, return_borrowed
 from workflows.common import (
     DOMAIN_KEY,
     OPERATION_KEY,
@@ -71,17 +73,17 @@ class SpawnAgentWorkflow:
 
     @workflow.run
     async def run(self, req: SpawnAgentRequest) -> AgentResult:
-        workflow.upsert_search_attributes([OPERATION_KEY.value_set("SpawnAgent"),
-                                           DOMAIN_KEY.value_set(req.domain),
-                                           SUPERVISOR_KEY.value_set(req.supervisor)])
+        workflow.upsert_search_attributes([OPERATION_KEY.value_set("SpawnAgent"), DOMAIN_KEY.value_set(req.domain)])
         rid = request_id(req.request_id)
+        sup_name = req.supervisor or await self._place(req)
+        workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(sup_name)])
         orchestrator, manager = LevelRef.orchestrator(), LevelRef.manager(req.domain)
-        supervisor = LevelRef.supervisor(req.domain, req.supervisor)
+        supervisor = LevelRef.supervisor(req.domain, sup_name)
         key = f"{req.domain}/{req.name}"
         saga = Saga()
         try:
             resources = req.resources or await self._default_resources(supervisor)
-            check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=req.supervisor,
+            check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=sup_name,
                                 agent=req.name, resources=resources)
             admit = AdmitAgents(request_id=rid, agents=[key], check=check)
             # Compensations first, scoped to this request: they undo only what it took, so they are
@@ -94,30 +96,46 @@ class SpawnAgentWorkflow:
                      lambda: steps.unregister_child(supervisor, req.name, f"{rid}/undo", owner=rid))
             outcomes = await asyncio.gather(
                 steps.admit_agents(orchestrator, admit), steps.admit_agents(manager, admit),
-                steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name,
-                                                               resources=resources, check=check)),
+                steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name, resources=resources,
+                                                               check=check, escalate=True, priority=req.priority)),
                 return_exceptions=True)
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed:
                 raise first_by_precedence(failed)
             reg = outcomes[2]
             assert isinstance(reg, RegisterResult)
+            if reg.grant is not None and reg.grant.request_id == rid:
+                # What the supervisor could not pay is borrowed from the domain, then the global pool.
+                await escalate(saga, rid, reg.grant.key, req.domain, sup_name, reg.grant.borrowed, None,
+                               req.priority)
             now = workflow.now()
-            spec = AgentSpec(domain=req.domain, supervisor=req.supervisor, name=req.name,
+            spec = AgentSpec(domain=req.domain, supervisor=sup_name, name=req.name,
                              resources=reg.child.resources, image=req.image, labels=req.labels,
                              request_id=rid if reg.created else "")
             target = LevelRef.agent(req.domain, req.name)
             saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
                 spec=spec, started_at=now, updated_at=now)))
-            if state.spec.supervisor != req.supervisor:
+            if state.spec.supervisor != sup_name:
                 raise to_application_error(Conflict(
                     f"agent {req.domain}/{req.name} already runs under supervisor {state.spec.supervisor}",
                     level="agent", entity=state.entity_id))
-            return AgentResult(agent=reg.child, created=reg.created)
+            return AgentResult(agent=reg.child, created=reg.created, supervisor=sup_name,
+                               borrowed=reg.grant.borrowed if reg.grant is not None else None)
         except BaseException as e:
             await saga.compensate()
             reraise(e)
+
+    @staticmethod
+    async def _place(req: SpawnAgentRequest) -> str:
+        """The domain picks the supervisor (``optimizeAgentPlacement``) by its placement strategy."""
+        info = await steps.placement_candidates(req.domain)
+        chosen = place(info.candidates, req.resources or DEFAULT_AGENT_RESOURCES, req.placement or info.strategy)
+        if chosen is None:
+            raise to_application_error(NotFound(f"domain {req.domain!r} has no active supervisor to place "
+                                                f"agent {req.name!r} on", level=Level.MANAGER.value,
+                                                entity=LevelRef.manager(req.domain).entity_id))
+        return chosen
 
     @staticmethod
     async def _default_resources(supervisor: LevelRef) -> Resources:
@@ -160,6 +178,7 @@ class StopAgentWorkflow:
                     f"agent {req.domain}/{req.name} is not running (its last run ended {found.state.status.value})",
                     level="agent", entity=target.entity_id))
         released = await steps.unregister_child(supervisor, req.name, rid)
+        await return_borrowed(rid, req.domain, released.grants)  # each borrowed part goes back where it came from
         count_out = ReleaseAgents(request_id=rid, agents=[f"{req.domain}/{req.name}"],
                                   owner=spec.request_id or None)
         await gather_all(steps.release_agents(LevelRef.orchestrator(), count_out),

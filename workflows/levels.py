@@ -15,10 +15,12 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
+    from tetrarch.calls import StartQuotaWatch
     from tetrarch.decisions import DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
@@ -29,19 +31,28 @@ with workflow.unsafe.imports_passed_through():
         ChildRef,
         ConfigureLevel,
         LevelState,
+        QuotaMark,
+        Reclaiming,
         ReconfigureChild,
         ReconfigureResult,
         RegisterChild,
         RegisterResult,
         ReleaseAgents,
+        ReleasedGrants,
+        ReleaseGrants,
         RemovalPlan,
+        Reserve,
+        ReserveResult,
         SetPolicy,
+        TransferCapacity,
         UnregisterResult,
     )
-    from tetrarch.models import ChildView, LevelSummary, LevelView
+    from tetrarch.models import ChildView, LevelSummary, LevelView, PoolView
     from tetrarch.names import ORCHESTRATOR_ID, Level, manager_id
     from tetrarch.operations import EntitySettings, LevelInput
     from tetrarch.policy import Policy
+    from tetrarch.pools import LedgerSnapshot
+    from tetrarch.resource_ops import QuotaWatch
 
 from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, to_application_error
 
@@ -86,6 +97,13 @@ class EntityLoop:
         """The input of the next run: the whole state, counters bumped."""
         raise NotImplementedError
 
+    def _has_work(self) -> bool:
+        """True when the entity has something to start itself (a supervisor's quota watches)."""
+        return False
+
+    async def _work(self) -> None:
+        """Start what :meth:`_has_work` found."""
+
     async def _report(self) -> None:
         """Send one upward report; a parent that is gone (being removed) is not an error."""
         self._dirty = False
@@ -102,7 +120,9 @@ class EntityLoop:
         """Report, continue as new, or return when closing; never finish with handlers running."""
         while True:
             await workflow.wait_condition(
-                lambda: self._dirty or self._closing or self._should_continue_as_new())
+                lambda: self._dirty or self._closing or self._should_continue_as_new() or self._has_work())
+            if self._has_work() and not self._closing:
+                await self._work()
             if self._dirty and not self._closing:
                 await self._report()
                 if self.settings.report_interval_seconds > 0:
@@ -162,6 +182,23 @@ class ManagementEntity(EntityLoop):
     def _continue_as_new_input(self) -> LevelInput:
         self.state.continued_as_new += 1
         return LevelInput(level_state=self.state, settings=self.settings)
+
+    def _has_work(self) -> bool:
+        return self.state.level is Level.SUPERVISOR and bool(self.state.watches_due())
+
+    async def _work(self) -> None:
+        """Start one EnforceAgentQuotas run per new overuse of an agent (it waits out the grace and acts)."""
+        assert self.state.domain is not None
+        for name, since in self.state.watches_due():
+            self.state.mark_watched(name, since)  # first: a failed start is logged, not retried in a loop
+            watch = QuotaWatch(domain=self.state.domain, supervisor=self.state.name, agent=name, since=since)
+            try:
+                await workflow.execute_activity(
+                    "start_quota_watch", StartQuotaWatch(watch=watch), task_queue=workflow.info().task_queue,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=5)))
+            except Exception as e:
+                workflow.logger.error("could not start quota enforcement for %s: %s", name, e)
 
     def _tag(self) -> None:
         """Tag this entity with its level, domain and supervisor for the UI and list queries."""
@@ -257,6 +294,57 @@ class ManagementEntity(EntityLoop):
         only: a decision is the same cached or not, so only the hit counters depend on query traffic.
         """
         return self.state.judge(check, self._cache)
+
+    # -- resources ----------------------------------------------------------------------------------
+
+    @workflow.update
+    def reserve(self, req: Reserve) -> ReserveResult:
+        """Take this level's share of an allocation; what it cannot pay is left for its parent."""
+        return self._apply(lambda s: s.reserve(req, workflow.now(), self._cache))
+
+    @reserve.validator
+    def _validate_reserve(self, req: Reserve) -> None:
+        self._dry_run(lambda s: s.reserve(req, workflow.now()))
+
+    @workflow.update
+    def release_grants(self, req: ReleaseGrants) -> ReleasedGrants:
+        """Return allocations to this level's pool (exactly once)."""
+        return self._apply(lambda s: s.release(req, workflow.now()))
+
+    @workflow.update
+    def set_reclaiming(self, req: Reclaiming) -> PoolView:
+        """Begin or end wanting lent capacity back (lending nothing new meanwhile)."""
+        self._apply(lambda s: s.set_reclaiming(req, workflow.now()))
+        return self.state.pool_view()
+
+    @workflow.update
+    def transfer_capacity(self, req: TransferCapacity) -> ReconfigureResult:
+        """Move nominal capacity between two children's slices (balancing)."""
+        return self._apply(lambda s: s.transfer_capacity(req, workflow.now()))
+
+    @transfer_capacity.validator
+    def _validate_transfer_capacity(self, req: TransferCapacity) -> None:
+        self._dry_run(lambda s: s.transfer_capacity(req, workflow.now()))
+
+    @workflow.update
+    def mark_quota(self, req: QuotaMark) -> ChildView:
+        """Record the quota action taken on an agent."""
+        return self._apply(lambda s: s.mark_quota(req, workflow.now()))
+
+    @workflow.query
+    def pool(self) -> PoolView:
+        """This level's pool: capacity, granted, free, borrowed, lent (cheap: no children listed)."""
+        return self.state.pool_view()
+
+    @workflow.query
+    def ledger(self) -> LedgerSnapshot:
+        """Every share of every allocation at this level, for audits and reclaim."""
+        return self.state.snapshot()
+
+    @workflow.query
+    def child(self, name: str) -> ChildLookup:
+        """One child, if it exists (cheap: an agent's allocation without the whole view)."""
+        return ChildLookup(child=self.state.view_child(name) if name in self.state.children else None)
 
     # -- itself -------------------------------------------------------------------------------------
 

@@ -17,17 +17,26 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.bootstrap import CurrentHierarchy
     from tetrarch.calls import (
         AdmitCall,
+        CheckAllocation,
         ChildCall,
+        ChildQuery,
         ConfigureCall,
         DiscardAgentCall,
         JudgeCall,
+        PlacementQuery,
+        QuotaMarkCall,
         ReadHierarchy,
+        ReclaimingCall,
         ReconfigureChildCall,
         RegisterChildCall,
         ReleaseCall,
+        ReleaseGrantsCall,
         RemovalCall,
+        ReserveCall,
         SetPolicyCall,
         StopAgentCall,
+        ThrottleCall,
+        TransferCall,
     )
     from tetrarch.decisions import PolicyCheck, Verdict
     from tetrarch.level import (
@@ -37,19 +46,29 @@ with workflow.unsafe.imports_passed_through():
         ChildLookup,
         ChildRef,
         ConfigureLevel,
+        QuotaMark,
+        Reclaiming,
         ReconfigureChild,
         ReconfigureResult,
         RegisterChild,
         RegisterResult,
         ReleaseAgents,
+        ReleasedGrants,
+        ReleaseGrants,
         RemovalPlan,
+        Reserve,
+        ReserveResult,
         SetPolicy,
+        TransferCapacity,
         UnregisterResult,
     )
-    from tetrarch.models import ChildView, LevelRef, LevelView
+    from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
     from tetrarch.names import Level
     from tetrarch.operations import AgentInput, LevelInput
+    from tetrarch.placement import PlacementInfo
     from tetrarch.policy import Policy
+    from tetrarch.pools import LedgerSnapshot
+    from tetrarch.resource_ops import AllocationCheck
 
 from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, queues
 
@@ -197,4 +216,81 @@ async def discard_agent(target: LevelRef, owner: str) -> AgentLookup | None:
     """Compensation of a start: stop the agent only if request ``owner`` started it."""
     result: AgentLookup | None = await _run(AgentActivities.discard_agent,
                                             DiscardAgentCall(target=target, owner=owner), Level.AGENT)
+    return result
+
+
+# -- resources ----------------------------------------------------------------------------------------
+
+
+async def reserve(target: LevelRef, req: Reserve) -> ReserveResult:
+    """Take ``target``'s share of an allocation."""
+    result: ReserveResult = await _run(LevelActivities.reserve, ReserveCall(target=target, request=req),
+                                       target.level)
+    return result
+
+
+async def release_grants(target: LevelRef, req: ReleaseGrants) -> ReleasedGrants:
+    """Return allocations to ``target``'s pool (exactly once)."""
+    result: ReleasedGrants = await _run(LevelActivities.release_grants,
+                                        ReleaseGrantsCall(target=target, request=req), target.level)
+    return result
+
+
+async def set_reclaiming(target: LevelRef, req: Reclaiming) -> PoolView:
+    """Begin or end a reclaim at ``target``."""
+    result: PoolView = await _run(LevelActivities.set_reclaiming, ReclaimingCall(target=target, request=req),
+                                  target.level)
+    return result
+
+
+async def transfer_capacity(target: LevelRef, req: TransferCapacity) -> ReconfigureResult:
+    """Move nominal capacity between two children of ``target``."""
+    result: ReconfigureResult = await _run(LevelActivities.transfer_capacity,
+                                           TransferCall(target=target, request=req), target.level)
+    return result
+
+
+async def mark_quota(target: LevelRef, req: QuotaMark) -> ChildView:
+    """Record a quota action on an agent of ``target``."""
+    result: ChildView = await _run(LevelActivities.mark_quota, QuotaMarkCall(target=target, request=req),
+                                   target.level)
+    return result
+
+
+async def read_pool(target: LevelRef) -> PoolView:
+    """``target``'s pool."""
+    result: PoolView = await _run(LevelActivities.read_pool, target, target.level)
+    return result
+
+
+async def read_ledger(target: LevelRef) -> LedgerSnapshot:
+    """``target``'s allocation ledger."""
+    result: LedgerSnapshot = await _run(LevelActivities.read_ledger, target, target.level)
+    return result
+
+
+async def read_child(target: LevelRef, name: str) -> ChildLookup:
+    """One child of ``target``."""
+    result: ChildLookup = await _run(LevelActivities.read_child, ChildQuery(target=target, name=name),
+                                     target.level)
+    return result
+
+
+async def check_allocation(call: CheckAllocation) -> AllocationCheck:
+    """The agent's supervisor, holdings and its three levels' verdicts on an allocation."""
+    result: AllocationCheck = await _run(LevelActivities.check_allocation, call, Level.SUPERVISOR)
+    return result
+
+
+async def placement_candidates(domain: str) -> PlacementInfo:
+    """A domain's supervisors with their pools, and its placement strategy."""
+    result: PlacementInfo = await _run(LevelActivities.placement_candidates, PlacementQuery(domain=domain),
+                                       Level.MANAGER)
+    return result
+
+
+async def throttle_agent(target: LevelRef, throttled: bool, reason: str) -> AgentState:
+    """Tell an agent it is (or is no longer) throttled."""
+    result: AgentState = await _run(AgentActivities.throttle_agent,
+                                    ThrottleCall(target=target, throttled=throttled, reason=reason), Level.AGENT)
     return result
