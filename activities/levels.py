@@ -49,6 +49,7 @@ from tetrarch.errors import CapacityExceeded, Conflict, NotFound
 from tetrarch.level import (
     AdmitResult,
     ChildLookup,
+    ChildRef,
     ReconfigureResult,
     RegisterResult,
     ReleasedGrants,
@@ -222,7 +223,8 @@ class LevelActivities:
     @activity.defn
     async def read_child(self, call: ChildQuery) -> ChildLookup:
         """One child of the target level (a Query)."""
-        return await query(self.client, call.target, ManagementEntity.child, ChildLookup, arg=call.name)
+        return await query(self.client, call.target, ManagementEntity.child, ChildLookup,
+                           arg=ChildRef(name=call.name))
 
     @activity.defn
     async def check_allocation(self, call: CheckAllocation) -> AllocationCheck:
@@ -237,7 +239,7 @@ class LevelActivities:
             state = await query(self.client, agent_ref, AgentWorkflow.describe, AgentState)
             supervisor = state.spec.supervisor
         found = await query(self.client, LevelRef.supervisor(call.domain, supervisor), ManagementEntity.child,
-                            ChildLookup, arg=call.agent)
+                            ChildLookup, arg=ChildRef(name=call.agent))
         if found.child is None:
             raise domain_error(NotFound(f"supervisor {call.domain}/{supervisor} has no agent {call.agent!r}",
                                         level=Level.SUPERVISOR.value,

@@ -448,7 +448,9 @@ class LevelState(BaseModel):
         existing = self.children.get(req.name)
         if existing is not None:
             spawn = self._spawn_grant(req.name) if is_agent else None
-            defined = spawn.size if spawn is not None else existing.resources
+            # An agent's spawn allocation defines it (later allocations do not); one spawned with
+            # nothing holds no spawn grant.
+            defined = (spawn.size if spawn is not None else Resources()) if is_agent else existing.resources
             if defined == resources and existing.policy == req.policy:
                 if existing.status is ChildStatus.REMOVING:
                     raise Conflict(f"{kind} {req.name!r} is being removed",
@@ -752,7 +754,7 @@ class LevelState(BaseModel):
         """The pool as the ManagementLevel face shows it."""
         p = self.pool()
         return PoolView(capacity=p.capacity, granted=p.granted, free=p.free, borrowed=p.borrowed, lent=p.lent,
-                        allocated=p.allocated, allocations=len(self.grants), reclaiming=self.reclaiming)
+                        reclaiming=self.reclaiming)
 
     def health(self) -> Health:
         """Draining while being removed; degraded if anything below reports trouble."""

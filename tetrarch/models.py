@@ -53,9 +53,6 @@ class PoolView(BaseModel):
     borrowed: Resources = Field(default_factory=Resources, description="Held from the parent for allocations.")
     lent: Resources = Field(default_factory=Resources,
                             description="Own capacity lent to requests that escalated from below.")
-    allocated: Resources = Field(default_factory=Resources,
-                                 description="Everything allocations hold through this level (own + borrowed).")
-    allocations: int = Field(default=0, description="Allocations with a share at this level.")
     reclaiming: Resources | None = Field(
         default=None, description="Set while this level wants lent capacity back: it lends nothing new.")
 

@@ -204,6 +204,9 @@ def audit(ledgers: list[LedgerSnapshot]) -> AuditReport:
             if match is None:
                 problems.append(f"{led.entity_id} granted {g.size.human()} for {g.key} to {g.child}, "
                                 f"which holds nothing for it (leaked)")
+            elif match.borrowed != g.size:
+                problems.append(f"{led.entity_id} granted {g.size.human()} for {g.key} to {g.child}, "
+                                f"which borrowed {match.borrowed.human()} for it")
         if led.level == "supervisor":
             for g in led.grants:
                 if g.child not in led.agents:

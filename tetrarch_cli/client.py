@@ -23,7 +23,7 @@ from tetrarch.agent import AgentState, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import Decision, PolicyCheck, Verdict
 from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
-from tetrarch.level import ChildLookup
+from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
 from tetrarch.names import Level, TaskQueues, agent_id
 from tetrarch.operations import (
@@ -271,7 +271,7 @@ class TetrarchClient:
         state = await self.agent_status(domain, agent)
         sup = LevelRef.supervisor(domain, state.spec.supervisor)
         ledger = await self._query(sup, ManagementEntity.ledger, LedgerSnapshot)
-        found = await self._query_arg(sup, ManagementEntity.child, agent, ChildLookup)
+        found = await self._query_arg(sup, ManagementEntity.child, ChildRef(name=agent), ChildLookup)
         if found.child is None:
             raise NotFound(f"supervisor {domain}/{state.spec.supervisor} holds no agent {agent!r}",
                            level="supervisor", entity=sup.entity_id)

@@ -47,7 +47,8 @@ from tetrarch.operations import (
     StopAgentRequest,
     SystemStatus,
 )
-from tetrarch.policy import TEMPLATES, OperationType, Policy
+from tetrarch.policy import TEMPLATES, OperationType, PlacementStrategy, Policy
+from tetrarch.resource_ops import AllocateRequest, BalanceRequest, ReclaimRequest, ReleaseRequest
 from tetrarch.resources import Resources
 from tetrarch_cli import render
 from tetrarch_cli.client import TetrarchClient
@@ -603,17 +604,41 @@ def agent() -> None:
 @click.argument("supervisor_name", metavar="SUPERVISOR")
 @click.argument("name")
 @resource_options
+@click.option("--priority", type=int, default=0, show_default=True, help="Preemption takes lower priorities first.")
+@click.option("--placement", type=click.Choice([p.value for p in PlacementStrategy]), default=None,
+              help="With SUPERVISOR '-': how the domain places it (default: the domain policy's, else spread).")
 @click.option("--request-id", default="")
 @json_option
 @click.pass_obj
 def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu: str | None,
-                memory: str | None, gpu: int | None, request_id: str) -> None:
-    """Spawn agent NAME under SUPERVISOR of DOMAIN (default 1 CPU / 1Gi)."""
-    req = SpawnAgentRequest(domain=domain_name, supervisor=supervisor_name, name=name,
-                            resources=_resources(cpu, memory, gpu, None), request_id=request_id)
+                memory: str | None, gpu: int | None, priority: int, placement: str | None, request_id: str) -> None:
+    """Spawn agent NAME under SUPERVISOR of DOMAIN (default 1 CPU / 1Gi); SUPERVISOR '-' lets the domain place it.
+
+    What the supervisor's pool cannot pay is borrowed from the domain's pool, then the global pool.
+    """
+    req = SpawnAgentRequest(domain=domain_name, supervisor=None if supervisor_name == "-" else supervisor_name,
+                            name=name, resources=_resources(cpu, memory, gpu, None), request_id=request_id,
+                            priority=priority, placement=PlacementStrategy(placement) if placement else None)
     r = _run(ctx, lambda tc: tc.spawn_agent(req))
-    _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'}: "
-                          f"{r.agent.resources.human()}")
+    borrowed = f", {r.borrowed.human()} borrowed from above" if r.borrowed and not r.borrowed.is_zero() else ""
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'} "
+                          f"under {r.supervisor or supervisor_name}: {r.agent.resources.human()}{borrowed}")
+
+
+@agent.command("usage")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@resource_options
+@json_option
+@click.pass_obj
+def agent_usage(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: str | None,
+                gpu: int | None) -> None:
+    """Report what agent NAME uses (as its runtime measured it); over its allocation, quotas apply."""
+    used = _resources(cpu, memory, gpu, None)
+    if used is None:
+        raise click.UsageError("give at least one of --cpu, --memory, --gpu")
+    st = _run(ctx, lambda tc: tc.report_usage(domain_name, name, used))
+    _emit(ctx, st, lambda: f"agent {domain_name}/{name} uses {used.human()} (reported to its supervisor)")
 
 
 @agent.command("stop")
@@ -648,6 +673,111 @@ def agent_status(ctx: Ctx, domain_name: str, name: str) -> None:
     """Show agent NAME of DOMAIN."""
     st = _run(ctx, lambda tc: tc.agent_status(domain_name, name))
     _emit(ctx, st, lambda: render.agent_state(st))
+
+
+# -- resources ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def resources() -> None:
+    """Allocate and release agent resources; show pools; balance, reclaim and audit them."""
+
+
+@resources.command("request")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("agent_name", metavar="AGENT")
+@resource_options
+@click.option("--supervisor", default=None, help="The agent's supervisor (looked up when left out).")
+@click.option("--request-id", default="", help="Idempotency key: a retry with it never takes twice.")
+@json_option
+@click.pass_obj
+def resources_request(ctx: Ctx, domain_name: str, agent_name: str, cpu: str | None, memory: str | None,
+                      gpu: int | None, supervisor: str | None, request_id: str) -> None:
+    """Allocate more resources to AGENT: its supervisor's pool, else borrowed from DOMAIN's, else global."""
+    amount = _resources(cpu, memory, gpu, None)
+    if amount is None:
+        raise click.UsageError("give at least one of --cpu, --memory, --gpu")
+    req = AllocateRequest(domain=domain_name, agent=agent_name, resources=amount, supervisor=supervisor,
+                          request_id=request_id)
+    r = _run(ctx, lambda tc: tc.allocate(req))
+    _emit(ctx, r, lambda: render.allocation(r))
+
+
+@resources.command("release")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("agent_name", metavar="AGENT")
+@click.argument("allocation_id", required=False)
+@click.option("--include-spawn", is_flag=True, help="Without ALLOCATION_ID: release the spawn allocation too.")
+@json_option
+@click.pass_obj
+def resources_release(ctx: Ctx, domain_name: str, agent_name: str, allocation_id: str | None,
+                      include_spawn: bool) -> None:
+    """Release ALLOCATION_ID of AGENT (or all its extra allocations); each part returns where it came from."""
+    req = ReleaseRequest(domain=domain_name, agent=agent_name, allocation_id=allocation_id,
+                         include_spawn=include_spawn)
+    r = _run(ctx, lambda tc: tc.release(req))
+    _emit(ctx, r, lambda: render.release(r))
+
+
+@resources.command("show")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("agent_name", metavar="AGENT")
+@json_option
+@click.pass_obj
+def resources_show(ctx: Ctx, domain_name: str, agent_name: str) -> None:
+    """Show AGENT's allocations: what its supervisor paid and what was borrowed above."""
+    v = _run(ctx, lambda tc: tc.allocations(domain_name, agent_name))
+    _emit(ctx, v, lambda: render.allocations(v))
+
+
+@resources.command("pools")
+@click.argument("domains", nargs=-1)
+@json_option
+@click.pass_obj
+def resources_pools(ctx: Ctx, domains: tuple[str, ...]) -> None:
+    """Every level's pool (global, each domain, each supervisor): capacity, granted, borrowed, lent, free."""
+    v = _run(ctx, lambda tc: tc.pools(list(domains) or None))
+    _emit(ctx, v, lambda: render.pools(v))
+
+
+@resources.command("audit")
+@click.argument("domains", nargs=-1)
+@json_option
+@click.pass_obj
+def resources_audit(ctx: Ctx, domains: tuple[str, ...]) -> None:
+    """Check conservation across every ledger (exit 1 if anything does not balance)."""
+    r = _run(ctx, lambda tc: tc.audit(list(domains) or None))
+    _emit(ctx, r, lambda: render.audit(r))
+    if not r.ok:
+        sys.exit(EXIT_REFUSED)
+
+
+@resources.command("balance")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.option("--dry-run", is_flag=True, help="Only plan the moves.")
+@json_option
+@click.pass_obj
+def resources_balance(ctx: Ctx, domain_name: str, dry_run: bool) -> None:
+    """Move free nominal capacity between DOMAIN's supervisors toward those that borrow."""
+    r = _run(ctx, lambda tc: tc.balance(BalanceRequest(domain=domain_name, dry_run=dry_run)))
+    _emit(ctx, r, lambda: render.balance(r))
+
+
+@resources.command("reclaim")
+@click.argument("target", metavar="global|DOMAIN")
+@resource_options
+@json_option
+@click.pass_obj
+def resources_reclaim(ctx: Ctx, target: str, cpu: str | None, memory: str | None, gpu: int | None) -> None:
+    """Ask back lent capacity until TARGET has this much free: idle borrowers first, then its policy."""
+    amount = _resources(cpu, memory, gpu, None)
+    if amount is None:
+        raise click.UsageError("give at least one of --cpu, --memory, --gpu")
+    req = ReclaimRequest(domain=None if target == "global" else target, resources=amount)
+    r = _run(ctx, lambda tc: tc.reclaim(req))
+    _emit(ctx, r, lambda: render.reclaim(r))
+    if not r.satisfied:
+        sys.exit(EXIT_REFUSED)
 
 
 # -- policy ------------------------------------------------------------------------------------------

@@ -7,6 +7,15 @@ from collections.abc import Sequence
 from tetrarch.agent import AgentState
 from tetrarch.models import ChildView, LevelView
 from tetrarch.operations import SystemStatus
+from tetrarch.pools import AuditReport
+from tetrarch.resource_ops import (
+    AllocationResult,
+    AllocationsView,
+    BalanceResult,
+    PoolsView,
+    ReclaimResult,
+    ReleaseResult,
+)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -45,6 +54,8 @@ def level_view(view: LevelView) -> str:
         f"  pool      capacity {p.capacity.human()}",
         f"            granted  {p.granted.human()}",
         f"            free     {p.free.human()}",
+        f"            borrowed {p.borrowed.human()}, lent {p.lent.human()}"
+        + (f"; reclaiming {p.reclaiming.human()}" if p.reclaiming else ""),
         f"  policy    {policy}",
         f"  agents    {agents_line(view.metrics.agents_by_status)}",
     ]
@@ -84,3 +95,74 @@ def agent_state(st: AgentState) -> str:
         f"  image      {s.image or '-'}",
         f"  started    {st.started_at.isoformat(timespec='seconds')}",
     ])
+
+
+_LEVELS = ("supervisor", "manager", "orchestrator")
+
+
+def allocation(r: AllocationResult) -> str:
+    """Where each part of an allocation came from."""
+    parts = ", ".join(f"{lvl} {r.parts[lvl].human()}" for lvl in _LEVELS if lvl in r.parts)
+    verb = "allocated" if r.created else "already allocated"
+    return (f"{verb} {r.resources.human()} to agent {r.domain}/{r.agent} (allocation {r.allocation_id}); "
+            f"served by {r.served_by}: {parts}\n  the agent now holds {r.agent_total.human()}")
+
+
+def release(r: ReleaseResult) -> str:
+    """What went back where."""
+    if not r.released:
+        return f"agent {r.domain}/{r.agent}: nothing to release (already released)"
+    back = ", ".join(f"{lvl} {r.returned[lvl].human()}" for lvl in _LEVELS if lvl in r.returned)
+    return f"released {len(r.released)} allocation(s) of agent {r.domain}/{r.agent}: returned {back}"
+
+
+def allocations(v: AllocationsView) -> str:
+    """An agent's allocations: own and borrowed part of each."""
+    a = v.agent
+    head = [f"agent {v.domain}/{a.name} under supervisor {v.supervisor}: holds {a.resources.human()}"
+            + (f", uses {a.used.human()}" if a.used else "")
+            + (f" (over its allocation since {a.over_quota_since.isoformat(timespec='seconds')}"
+               f"{', ' + a.quota_action if a.quota_action else ''})" if a.over_quota_since else "")]
+    rows = [[g.key.split("#", 1)[1], "spawn" if g.spawn else "extra", g.own.human(), g.borrowed.human()]
+            for g in v.grants]
+    return "\n".join(head) + "\n" + (table(["allocation", "kind", "from supervisor", "borrowed above"], rows)
+                                     if rows else "(no allocations)")
+
+
+def pools(v: PoolsView) -> str:
+    """Every level's pool in one table."""
+    rows = [[eid, p.capacity.human(), p.granted.human(), p.borrowed.human(), p.lent.human(), p.free.human()
+             + (" (reclaiming)" if p.reclaiming else "")] for eid, p in v.pools.items()]
+    return table(["level", "capacity", "granted", "borrowed", "lent", "free"], rows)
+
+
+def audit(r: AuditReport) -> str:
+    """The conservation audit's verdict."""
+    if r.ok:
+        return f"balanced: {r.levels} ledgers, {r.allocations} allocations; capacity = granted + free everywhere"
+    return f"NOT balanced ({len(r.problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in r.problems)
+
+
+def balance(r: BalanceResult) -> str:
+    """Planned and done capacity moves."""
+    if not r.planned:
+        return f"domain {r.domain}: balanced already (no supervisor borrows while another has free capacity)"
+    lines = [f"domain {r.domain}: {len(r.done)}/{len(r.planned)} move(s) done"]
+    lines += [f"  {m.source} -> {m.target}: {m.resources.human()}{'' if m in r.done else ' (planned)'}"
+              for m in r.planned]
+    lines += [f"  skipped: {s}" for s in r.skipped]
+    return "\n".join(lines)
+
+
+def reclaim(r: ReclaimResult) -> str:
+    """What a reclaim got back."""
+    state = "satisfied" if r.satisfied else "NOT satisfied"
+    lines = [f"{r.target} wants {r.wanted.human()} free: {state}; free now {r.free.human()}"]
+    if r.released:
+        lines.append(f"  idle allocations given back: {', '.join(r.released)}")
+    if r.preempted:
+        lines.append(f"  preempted agents: {', '.join(r.preempted)}")
+    if r.refusing_new_loans:
+        lines.append("  lending paused: new loans are refused until enough comes back")
+    lines += [f"  {p}" for p in r.problems]
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from tetrarch.agent import AgentState, StopAgent
+from tetrarch.agent import AgentState, StopAgent, Throttle, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import PolicyCheck, Verdict
 from tetrarch.level import (
@@ -21,16 +21,23 @@ from tetrarch.level import (
     ChildLookup,
     ChildRef,
     ConfigureLevel,
+    QuotaMark,
+    Reclaiming,
     ReconfigureChild,
     ReconfigureResult,
     RegisterChild,
     RegisterResult,
     ReleaseAgents,
+    ReleasedGrants,
+    ReleaseGrants,
     RemovalPlan,
+    Reserve,
+    ReserveResult,
     SetPolicy,
+    TransferCapacity,
     UnregisterResult,
 )
-from tetrarch.models import ChildView, LevelSummary, LevelView
+from tetrarch.models import ChildView, LevelSummary, LevelView, PoolView
 from tetrarch.operations import (
     AgentInput,
     AgentResult,
@@ -53,6 +60,19 @@ from tetrarch.operations import (
     SupervisorResult,
 )
 from tetrarch.policy import Policy
+from tetrarch.pools import LedgerSnapshot
+from tetrarch.resource_ops import (
+    AllocateRequest,
+    AllocationResult,
+    BalanceRequest,
+    BalanceResult,
+    QuotaOutcome,
+    QuotaWatch,
+    ReclaimRequest,
+    ReclaimResult,
+    ReleaseRequest,
+    ReleaseResult,
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,16 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("workflow", "SetPolicy", "orchestrator, manager, supervisor", SetPolicyRequest,
              PolicyChangeResult,
              "Set or dry-run the policy of global, a domain or a supervisor (on the target level's queue)."),
+    ApiEntry("workflow", "AllocateResources", "supervisor", AllocateRequest, AllocationResult,
+             "More resources for an agent: its supervisor's pool, else borrowed from its domain, else global."),
+    ApiEntry("workflow", "ReleaseResources", "supervisor", ReleaseRequest, ReleaseResult,
+             "Give an allocation back; each part returns to the level it came from, exactly once."),
+    ApiEntry("workflow", "BalanceSupervisorLoad", "manager", BalanceRequest, BalanceResult,
+             "Move free nominal capacity between a domain's supervisors toward those that borrow."),
+    ApiEntry("workflow", "ReclaimResources", "orchestrator, manager", ReclaimRequest, ReclaimResult,
+             "A level asks back capacity it lent out: idle borrowers first, then refuse or preempt."),
+    ApiEntry("workflow", "EnforceAgentQuotas", "supervisor", QuotaWatch, QuotaOutcome,
+             "Act on one agent's overuse after the grace (started by its supervisor)."),
     ApiEntry("workflow", "Orchestrator", "orchestrator", LevelInput, LevelView,
              "The orchestrator entity (id 'orchestrator')."),
     ApiEntry("workflow", "Manager", "manager", LevelInput, LevelView, "A manager entity (id 'manager/<domain>')."),
@@ -113,11 +143,26 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Judge an operation that adds agents by this level's policy and count them in."),
     ApiEntry("update", "release_agents", _ENTITIES, ReleaseAgents, AdmitResult, "Count agents out."),
     ApiEntry("update", "set_policy", _ENTITIES, SetPolicy, Policy, "Replace this level's policy (version + 1)."),
+    ApiEntry("update", "reserve", _ENTITIES, Reserve, ReserveResult,
+             "Take this level's share of an allocation; the rest is left to borrow from the parent."),
+    ApiEntry("update", "release_grants", _ENTITIES, ReleaseGrants, ReleasedGrants,
+             "Return allocations to this level's pool (exactly once)."),
+    ApiEntry("update", "set_reclaiming", _ENTITIES, Reclaiming, PoolView,
+             "Begin or end wanting lent capacity back (no new loans meanwhile)."),
+    ApiEntry("update", "transfer_capacity", _ENTITIES, TransferCapacity, ReconfigureResult,
+             "Move nominal capacity between two children's slices."),
+    ApiEntry("update", "mark_quota", _ENTITIES, QuotaMark, ChildView, "Record the quota action taken on an agent."),
+    ApiEntry("query", "pool", _ENTITIES, None, PoolView, "This level's pool."),
+    ApiEntry("query", "ledger", _ENTITIES, None, LedgerSnapshot, "Every allocation share at this level."),
+    ApiEntry("query", "child", _ENTITIES, ChildRef, ChildLookup, "One child by name."),
     ApiEntry("query", "judge", _ENTITIES, PolicyCheck, Verdict, "This level's verdict on an operation (what-if)."),
     ApiEntry("signal", "child_report", _ENTITIES, LevelSummary, None, "An upward report from a child."),
     ApiEntry("query", "describe", _ENTITIES, None, LevelView, "The common ManagementLevel face."),
     ApiEntry("update", "stop", "Agent", StopAgent, AgentState, "Stop the agent cleanly."),
     ApiEntry("query", "describe", "Agent", None, AgentState, "The agent's state."),
+    ApiEntry("update", "report_usage", "Agent", UsageReport, AgentState,
+             "What the runtime measured the agent using; its supervisor checks it against the allocation."),
+    ApiEntry("update", "throttle", "Agent", Throttle, AgentState, "Throttle the agent (quota enforcement)."),
 )
 
 

@@ -73,10 +73,15 @@ class SpawnAgentWorkflow:
 
     @workflow.run
     async def run(self, req: SpawnAgentRequest) -> AgentResult:
-        workflow.upsert_search_attributes([OPERATION_KEY.value_set("SpawnAgent"), DOMAIN_KEY.value_set(req.domain)])
+        tags = [OPERATION_KEY.value_set("SpawnAgent"), DOMAIN_KEY.value_set(req.domain)]
+        if req.supervisor:
+            sup_name = req.supervisor
+            workflow.upsert_search_attributes([*tags, SUPERVISOR_KEY.value_set(sup_name)])
+        else:
+            workflow.upsert_search_attributes(tags)
+            sup_name = await self._place(req)
+            workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(sup_name)])
         rid = request_id(req.request_id)
-        sup_name = req.supervisor or await self._place(req)
-        workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(sup_name)])
         orchestrator, manager = LevelRef.orchestrator(), LevelRef.manager(req.domain)
         supervisor = LevelRef.supervisor(req.domain, sup_name)
         key = f"{req.domain}/{req.name}"

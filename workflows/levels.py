@@ -342,9 +342,9 @@ class ManagementEntity(EntityLoop):
         return self.state.snapshot()
 
     @workflow.query
-    def child(self, name: str) -> ChildLookup:
+    def child(self, ref: ChildRef) -> ChildLookup:
         """One child, if it exists (cheap: an agent's allocation without the whole view)."""
-        return ChildLookup(child=self.state.view_child(name) if name in self.state.children else None)
+        return ChildLookup(child=self.state.view_child(ref.name) if ref.name in self.state.children else None)
 
     # -- itself -------------------------------------------------------------------------------------
 

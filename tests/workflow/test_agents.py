@@ -24,7 +24,7 @@ from tetrarch.operations import (
     SpawnAgentRequest,
     StopAgentRequest,
 )
-from tetrarch.policy import Policy
+from tetrarch.policy import Policy, ResourcePolicy
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
 
@@ -161,8 +161,12 @@ async def test_unknown_agent_is_not_found(tc: TetrarchClient, client: Client) ->
 
 
 async def test_agent_capacity_limits_and_policy_defaults(tc: TetrarchClient, client: Client) -> None:
-    """CapacityExceeded and LimitExceeded start no agent and reserve nothing; the policy default slice applies."""
-    policy = Policy(max_children=2, default_agent_resources=res(2, 1))
+    """CapacityExceeded and LimitExceeded start no agent and reserve nothing; the policy default slice applies.
+
+    Borrowing is off at this supervisor, so what its pool cannot pay is refused there (with borrowing
+    on, the domain would lend it: see test_allocation.py).
+    """
+    policy = Policy(max_children=2, default_agent_resources=res(2, 1), resources=ResourcePolicy(borrowing=False))
     d = await new_domain(tc, "aglim", {"s1": (res(5), policy)})
     sup_before = shape(await tc.supervisor_status(d, "s1"))
 
@@ -200,8 +204,8 @@ async def test_agent_capacity_limits_and_policy_defaults(tc: TetrarchClient, cli
 
 
 async def test_concurrent_spawns_never_oversubscribe(tc: TetrarchClient, client: Client) -> None:
-    """Twelve spawns at once into room for eight: exactly eight run, four are refused, the pool is exactly full."""
-    d = await new_domain(tc, "agrace", {"s1": (res(8), Policy())})
+    """Twelve spawns at once into room for eight (no borrowing): eight run, four are refused, the pool is full."""
+    d = await new_domain(tc, "agrace", {"s1": (res(8), Policy(resources=ResourcePolicy(borrowing=False)))})
     names = [f"a{i}" for i in range(12)]
     outcomes = await asyncio.gather(*(tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name=n))
                                       for n in names), return_exceptions=True)

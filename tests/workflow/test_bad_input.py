@@ -63,7 +63,7 @@ BAD_INPUTS = [
                  id="wrong-type-list"),
     pytest.param("CreateDomain", "orchestrator", {"domain": "x", "colour": "red"}, "colour",
                  id="unknown-field"),
-    pytest.param("SpawnAgent", "supervisor", {"domain": "x", "name": "a"}, "supervisor",
+    pytest.param("SpawnAgent", "supervisor", {"domain": "x", "supervisor": "s"}, "name",
                  id="missing-field"),
     pytest.param("ScaleSupervisors", "manager", {"domain": "x", "delta": "many"}, "delta",
                  id="wrong-type-int"),

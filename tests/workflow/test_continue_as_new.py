@@ -18,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from tests.conftest import domain_name
 from tests.workflow.helpers import res
-from tetrarch.level import ChildRef, ConfigureLevel, LevelState, ReconfigureChild, RegisterChild
+from tetrarch.level import ChildRef, ConfigureLevel, LevelState, ReconfigureChild, RegisterChild, Reserve
 from tetrarch.models import LevelView, PoolView
 from tetrarch.names import Level, manager_id, supervisor_id
 from tetrarch.operations import CreateDomainRequest, EntitySettings, LevelInput, RemoveDomainRequest
@@ -92,8 +92,12 @@ async def test_entity_continues_as_new_losing_nothing(tc: TetrarchClient, client
         await latest(client, wf_id).execute_update(ManagementEntity.unregister_child,
                                                    ChildRef(request_id=f"rm-{i}", name=f"c-{i}"))
         updates += 1
-    await latest(client, wf_id).execute_update(
-        ManagementEntity.reconfigure_child, ReconfigureChild(request_id="grow", name="c-10", resources=res(3)))
+    if level is Level.SUPERVISOR:  # an agent grows by a further allocation, not by resizing a slice
+        await latest(client, wf_id).execute_update(ManagementEntity.reserve, Reserve(
+            request_id="grow", key=f"{d}/c-10#grow", child="c-10", resources=res(2), escalate=False))
+    else:
+        await latest(client, wf_id).execute_update(
+            ManagementEntity.reconfigure_child, ReconfigureChild(request_id="grow", name="c-10", resources=res(3)))
     updates += 1
     policy = Policy(version=2, max_children=25)
     await latest(client, wf_id).execute_update(ManagementEntity.configure, ConfigureLevel(policy=policy))
