@@ -16,8 +16,10 @@ from temporalio.client import (
     Client,
     WorkflowHandle,
     WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
+from temporalio.common import QueryRejectCondition
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -25,6 +27,8 @@ from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
 from tetrarch.models import LevelRef
 
 R = TypeVar("R")
+
+_OPEN_ONLY = QueryRejectCondition.NOT_OPEN
 
 
 def domain_error(err: TetrarchError) -> ApplicationError:
@@ -83,11 +87,13 @@ async def query(client: Client, target: LevelRef, method: Any, result_type: type
     """Query a running entity (with ``arg`` if the query takes one); a missing or closed entity is NotFound."""
     handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
     try:
-        desc = await handle.describe()
-        if desc.status is None or desc.status.name != "RUNNING":
-            raise not_found(target)
-        result = await (handle.query(method, arg, result_type=result_type) if arg is not None
-                        else handle.query(method, result_type=result_type))
+        # One round trip: the server refuses the query when the workflow is closed (a closed entity
+        # would otherwise answer from its last state, replayed).
+        result = await (handle.query(method, arg, result_type=result_type, reject_condition=_OPEN_ONLY)
+                        if arg is not None else
+                        handle.query(method, result_type=result_type, reject_condition=_OPEN_ONLY))
+    except WorkflowQueryRejectedError:
+        raise not_found(target) from None
     except (RPCError, WorkflowQueryFailedError) as e:
         raise translate(e, target) from e
     return result  # type: ignore[no-any-return]

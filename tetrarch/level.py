@@ -721,6 +721,11 @@ class LevelState(BaseModel):
         if self.children:
             raise HasChildren(f"{self.scope} still has children: {', '.join(sorted(self.children))}",
                               level=self.level.value, entity=self.entity_id, data={"children": sorted(self.children)})
+        if self.grants:
+            keys = sorted(self.grants)
+            raise HasChildren(f"{self.scope} still holds {len(keys)} allocation(s): {', '.join(keys[:5])}"
+                              f"{' ...' if len(keys) > 5 else ''}; release them first",
+                              level=self.level.value, entity=self.entity_id, data={"allocations": keys})
 
     def apply_report(self, report: LevelSummary) -> bool:
         """Record a child's upward report; stale or unknown reports are ignored. True if recorded."""

@@ -14,8 +14,8 @@ import uuid
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowQueryRejectedError
+from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -141,15 +141,15 @@ class TetrarchClient:
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
         missing = NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
                            level="client", entity=target.entity_id)
-        try:
-            desc = await handle.describe()
+        try:  # one round trip: the server refuses the query if the entity is closed
+            return await handle.query(  # type: ignore[no-any-return]
+                method, result_type=result_type, reject_condition=QueryRejectCondition.NOT_OPEN)
+        except WorkflowQueryRejectedError:
+            raise missing from None
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise missing from None
             raise
-        if desc.status is None or desc.status.name != "RUNNING":
-            raise missing
-        return await handle.query(method, result_type=result_type)  # type: ignore[no-any-return]
 
     # -- hierarchy ----------------------------------------------------------------------------------
 
@@ -232,9 +232,18 @@ class TetrarchClient:
         return Decision(allowed=True, verdicts=list(verdicts))
 
     async def _query_arg(self, target: LevelRef, method: Any, arg: Any, result_type: type[R]) -> R:
-        await self._query(target, ManagementEntity.pool, PoolView)  # NotFound for a missing level
         handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
-        return await handle.query(method, arg, result_type=result_type)  # type: ignore[no-any-return]
+        try:
+            return await handle.query(  # type: ignore[no-any-return]
+                method, arg, result_type=result_type, reject_condition=QueryRejectCondition.NOT_OPEN)
+        except WorkflowQueryRejectedError:
+            raise NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
+                           level="client", entity=target.entity_id) from None
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
+                               level="client", entity=target.entity_id) from None
+            raise
 
     # -- resources ----------------------------------------------------------------------------------
 

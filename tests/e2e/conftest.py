@@ -179,6 +179,9 @@ def level(view):
     return {
         "capacity": view.pool.capacity.model_dump(),
         "granted": view.pool.granted.model_dump(),
+        "borrowed": view.pool.borrowed.model_dump(),
+        "lent": view.pool.lent.model_dump(),
+        "level": view.level.value,
         "policy": view.policy.model_dump(),
         "status": view.status.value,
         "children": {c.name: {"resources": c.resources.model_dump(), "status": c.status.value}
@@ -251,9 +254,15 @@ def accounting_problems(snap: dict[str, Any]) -> list[str]:
         if "missing" in lv:
             problems.append(f"{where}: {lv['missing']}")
             return
+        # A supervisor's agents hold what it granted plus what it borrowed for them; a manager's or the
+        # orchestrator's granted is its children's slices plus what it lent to allocations below.
         want = _sum([c["resources"] for c in lv["children"].values()])
-        if lv["granted"] != want:
-            problems.append(f"{where}: granted {lv['granted']} != sum of children {want}")
+        if lv["level"] == "supervisor":
+            have = _sum([lv["granted"], lv["borrowed"]])
+        else:
+            have, want = lv["granted"], _sum([want, lv["lent"]])
+        if have != want:
+            problems.append(f"{where}: granted {have} != sum of children {want}")
 
     orch = snap["orchestrator"]
     check_level("orchestrator", orch)

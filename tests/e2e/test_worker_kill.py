@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import (
+    PYTHON,
     TETRARCH,
     Background,
     BareServer,
@@ -299,3 +300,90 @@ def test_up_stops_on_sigterm_while_waiting_for_workers(tmp_path: Path) -> None:
     finally:
         up.stop(signal.SIGKILL)
         kill_servers_of(state)
+
+
+#: A manager worker that cannot take its share of an allocation: it hosts the Manager entities (so
+#: their Queries and Updates are answered) and every manager activity except ``reserve``. An
+#: escalation that reaches the domain then waits right after the supervisor's share was taken.
+_MANAGER_WITHOUT_RESERVE = """
+import asyncio, sys
+from temporalio.worker import Worker
+from tetrarch.names import Level, TaskQueues
+from worker.connect import connect
+from worker.registry import WORKFLOWS_BY_LEVEL, activities_for
+from worker.run import workflow_runner
+
+async def main():
+    client = await connect(sys.argv[1])
+    acts = [a for a in activities_for(Level.MANAGER, client) if a.__name__ != "reserve"]
+    await Worker(client, task_queue=TaskQueues("").for_level(Level.MANAGER),
+                 workflows=list(WORKFLOWS_BY_LEVEL[Level.MANAGER]), activities=acts,
+                 workflow_runner=workflow_runner()).run()
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_mid_escalation_completes_or_compensates(bare: BareServer,
+                                                                  workers: Callable[[str], Background],
+                                                                  tmp_path: Path) -> None:
+    """The supervisor worker dies after the supervisor reserved its share, before the domain answered.
+
+    Two allocations are caught there: one the domain and the global pool can pay (it completes after
+    the restart) and one the global pool cannot (it compensates: the supervisor's share comes back).
+    Either way every ledger balances afterwards.
+    """
+    a = bare.address
+    d = "wkres"
+    workers("orchestrator")
+    supervisor = workers("supervisor")
+    workers("agent")
+    crippled = Background([PYTHON, "-c", _MANAGER_WITHOUT_RESERVE, a], tmp_path / "manager-no-reserve.log").start()
+    try:
+        apply_file(a, tmp_path / "wkres.yaml", GLOBAL + f"""\
+domains:
+  - name: {d}
+    resources: {{cpu: 10, memory: 10Gi}}
+    supervisors:
+      - {{name: base, resources: {{cpu: 3, memory: 3Gi}}, agents: 1}}
+""")
+        agent = "base-agent-1"  # holds 1 CPU / 1Gi: the supervisor has 2 CPU / 2Gi free
+        before = ok("resources", "pools", d, address=a)["pools"]
+        fits = Pending(a, "resources", "request", d, agent, "--cpu", "3", "--request-id", "fits")
+        too_big = Pending(a, "resources", "request", d, agent, "--cpu", "1000", "--request-id", "too-big")
+
+        def held() -> list[str]:
+            return sorted(g["key"].split("#", 1)[1] for g in ok("resources", "show", d, agent, address=a)["grants"]
+                          if not g["spawn"])
+
+        wait_for(held, lambda keys: keys == ["fits", "too-big"], timeout=60,
+                 what="both allocations reserved at the supervisor and waiting for the domain")
+        assert fits.running() and too_big.running()
+        supervisor.stop(signal.SIGKILL)  # the worker running both AllocateResources workflows
+        crippled.stop(signal.SIGKILL)
+        workers("supervisor")
+        workers("manager")
+
+        done = fits.finish()
+        assert done.rc == 0, str(done)
+        assert_clean(done)
+        assert done.json["served_by"] == "manager"
+        assert done.json["parts"]["supervisor"]["cpu_millis"] + done.json["parts"]["manager"]["cpu_millis"] == 3000
+        refused = too_big.finish()
+        assert refused.rc == 1, str(refused)
+        assert refused.error["code"] == "CapacityExceeded" and refused.error["level"] == "orchestrator"
+
+        assert held() == ["fits"], "the refused allocation gave its supervisor share back"
+        audit = ok("resources", "audit", address=a)
+        assert audit["ok"] is True and audit["problems"] == []
+        after = ok("resources", "pools", d, address=a)["pools"]
+        assert after["orchestrator"] == before["orchestrator"], "nothing was taken from the global pool"
+        dom = after[f"manager/{d}"]
+        assert dom["lent"]["cpu_millis"] == done.json["parts"]["manager"]["cpu_millis"]
+        assert after[f"supervisor/{d}/base"]["borrowed"] == dom["lent"]
+        ops = [i for i in workflow_ids(workflow_list(a, f"Domain='{d}' AND ExecutionStatus='Running'"))
+               if i.startswith("op/")]
+        assert ops == [], f"operations still running: {ops}"
+    finally:
+        if crippled.alive():
+            crippled.stop(signal.SIGKILL)

@@ -527,7 +527,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(ds=st.sampled_from(SUPS), resources=SPAWNS)
     def spawn_agent(self, ds, resources):
-        self.do_spawn(*ds, self.fresh("n"), resources)
+        domain, sup = ds
+        self.do_spawn(domain, sup, self.fresh("n"), resources)
 
     @precondition(lambda self: self.spawned)
     @rule(data=st.data())
@@ -547,15 +548,23 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.agents)
     @rule(data=st.data())
     def release_agent_allocations(self, data):
-        """Give back everything an agent allocated (idle reclaim): its spawn allocation stays."""
+        """Give back everything an agent allocated (ReleaseResources without include_spawn).
+
+        The supervisor releases by agent keeping the spawn allocation; what those grants borrowed is then
+        released by key above (only the supervisor flags a spawn grant, so the levels above are never
+        asked by agent).
+        """
         agent, domain, sup = self.pick_agent(data)
         mine = {k: a for k, a in self.allocs.items() if a.agent == agent and not a.spawn}
         now = self.now()
-        req = ReleaseGrants(agent=f"{domain}/{agent}", keep_spawn=True)
-        for i, level in enumerate(self.h.chain(domain, sup)):
-            released = level.release(req, now).released
-            assert sorted(g.key for g in released) == sorted(k for k, a in mine.items() if len(a.grants) > i)
-            assert all(g == mine[g.key].grants[i] for g in released)
+        s, m, o = self.h.chain(domain, sup)
+        released = s.release(ReleaseGrants(agent=f"{domain}/{agent}", keep_spawn=True), now).released
+        assert sorted(g.key for g in released) == sorted(mine)
+        keys = [g.key for g in released if not g.borrowed.is_zero()]
+        for i, level in ((1, m), (2, o)):
+            above = level.release(ReleaseGrants(keys=keys), now).released
+            assert sorted(g.key for g in above) == sorted(k for k, a in mine.items() if len(a.grants) > i)
+            assert all(g == mine[g.key].grants[i] for g in above)
         for k in mine:
             del self.allocs[k]
         s = self.h.supervisors[domain, sup]
@@ -914,9 +923,8 @@ def test_release_by_agent_and_by_owner():
     b = spawn(h, "research", "sup-1", "b", res(3), "spawn-b", T0)
     z = alloc_for(h, "b", res(8), "z")
     assert [g.own for g in z] == [res(7), res(1)]
-    released = [lv.release(ReleaseGrants(agent="research/b", keep_spawn=True), T0).keys
-                for lv in h.chain("research", "sup-1")]
-    assert released == [[z[0].key], [z[0].key], []]
+    assert sup.release(ReleaseGrants(agent="research/b", keep_spawn=True), T0).keys == [z[0].key]
+    assert mgr.release(ReleaseGrants(keys=[z[0].key]), T0).keys == [z[0].key]
     assert sup.children["b"].resources == res(3)
     assert sup.grants == {b[0].key: b[0]}
     assert h.audit().ok
