@@ -472,7 +472,7 @@ class LevelState(BaseModel):
                 level=self.level.value, entity=self.entity_id)
         if is_agent:
             assert self.domain is not None
-            key = allocation_key(self.domain, req.name, req.request_id)
+            key = allocation_key(self.domain, req.name, f"spawn/{req.request_id}")
             grant = None
             if not resources.is_zero():
                 own, rest = self._split(resources, req.escalate, f"{kind} {req.name!r}", lending=False)

@@ -19,6 +19,17 @@ Recorded:
 * ``set_policy.json``: a SetPolicy applying the ``standard`` template to a supervisor.
 * ``spawn_agent.json``: a SpawnAgent admitted by the three levels at once.
 * ``stop_agent.json``: the StopAgent the drain ran (judged at three levels, counted out).
+* ``spawn_placed_borrowing.json``: a SpawnAgent the domain placed (bin-pack) whose supervisor borrowed.
+* ``allocate_from_global.json`` / ``allocate_refused.json``: AllocateResources escalating to the global
+  pool, granted, and refused there (its shares below given back).
+* ``release.json``, ``balance.json``, ``reclaim.json``: ReleaseResources, BalanceSupervisorLoad, and a
+  ReclaimResources that takes back an idle allocation.
+* ``enforce_quotas.json`` and ``supervisor_quota_watch.json``: an agent over its allocation, throttled
+  after the grace, and the supervisor entity that started the watch.
+
+``before_resources_*.json`` were recorded before allocations existed (session 1's code) and are kept
+as they are: running executions of that version must still replay on this code. The recorder does
+not touch them.
 
 Re-record after an intended change to a workflow's commands; a change that would break running
 executions needs ``workflow.patched()`` instead, and these histories are what catch it.
@@ -38,7 +49,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tetrarch.bootstrap import HierarchySpec
+from tetrarch.errors import TetrarchError
 from tetrarch.level import LevelState, RegisterChild
+from tetrarch.models import LevelRef
 from tetrarch.names import Level, SearchAttr, manager_id
 from tetrarch.operations import (
     CreateDomainRequest,
@@ -49,6 +62,8 @@ from tetrarch.operations import (
     SetPolicyRequest,
     SpawnAgentRequest,
 )
+from tetrarch.policy import PlacementStrategy, Policy, QuotaAction, ResourcePolicy
+from tetrarch.resource_ops import AllocateRequest, BalanceRequest, ReclaimRequest, ReleaseRequest
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
 from tetrarch_cli.server import TUNED_DYNAMIC_CONFIG, temporal_binary
@@ -87,6 +102,8 @@ async def _record(client: Client) -> dict[str, WorkflowHistory]:
     out["stop_agent.json"] = await _history(client, f"op/remove-supervisor/{DOMAIN}/s1/rec/stop-agent/a1")
     out["agent.json"] = await _history(client, f"agent/{DOMAIN}/a1")
 
+    await _record_resources(tc, client, out)
+
     # A manager entity started directly so that it continues as new after a few Updates.
     can_domain = f"{DOMAIN}-can"
     now = datetime(2025, 1, 1, tzinfo=UTC)
@@ -114,6 +131,50 @@ async def _record(client: Client) -> dict[str, WorkflowHistory]:
     return out
 
 
+async def _record_resources(tc: TetrarchClient, client: Client, out: dict[str, WorkflowHistory]) -> None:
+    """The resource operations: a placed spawn that borrows, allocations at the deepest escalation
+    (granted, and refused then compensated), a release, balance, reclaim and quota enforcement."""
+    d = f"{DOMAIN}-res"
+    policy = Policy(resources=ResourcePolicy(quota_action=QuotaAction.THROTTLE, quota_grace_seconds=0.2))
+    await tc.create_domain(CreateDomainRequest(domain=d, resources=Resources.of(cpu=6, memory="6Gi"), policy=policy,
+                                               request_id="rec"))
+    for name, cpu in (("s1", 1), ("s2", 4)):
+        await tc.create_supervisor(CreateSupervisorRequest(domain=d, name=name, request_id="rec",
+                                                           resources=Resources.of(cpu=cpu, memory=f"{cpu}Gi")))
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, name="a1", request_id="rec", placement=PlacementStrategy.BIN_PACK,
+                                           resources=Resources.of(cpu=5, memory="1Gi")))
+    out["spawn_placed_borrowing.json"] = await _history(client, f"op/spawn-agent/{d}/a1/rec")
+    grant = await tc.allocate(AllocateRequest(domain=d, agent="a1", resources=Resources.of(cpu=3), request_id="rec"))
+    out["allocate_from_global.json"] = await _history(client, f"op/allocate/{d}/a1/rec")
+    with contextlib.suppress(TetrarchError):
+        await tc.allocate(AllocateRequest(domain=d, agent="a1", resources=Resources.of(cpu=100), request_id="big"))
+    out["allocate_refused.json"] = await _history(client, f"op/allocate/{d}/a1/big")
+    await tc.release(ReleaseRequest(domain=d, agent="a1", allocation_id=grant.allocation_id, request_id="rec"))
+    out["release.json"] = await _history(client, f"op/release/{d}/a1/rec")
+    await tc.balance(BalanceRequest(domain=d, request_id="rec"))
+    out["balance.json"] = await _history(client, f"op/balance/{d}/rec")
+    extra = await tc.allocate(AllocateRequest(domain=d, agent="a1", resources=Resources.of(cpu=2), request_id="x"))
+    assert extra.served_by == "orchestrator", extra
+    await tc.report_usage(d, "a1", Resources.of(cpu=1, memory="512Mi"))
+    await asyncio.sleep(1)  # the usage reaches the supervisor
+    want = (await tc.describe(LevelRef.orchestrator())).pool.free + Resources.of(cpu=1)
+    reclaimed = await tc.reclaim(ReclaimRequest(resources=want, request_id="rec"))
+    assert reclaimed.satisfied and reclaimed.released, reclaimed
+    out["reclaim.json"] = await _history(client, "op/reclaim/global/rec")
+    await tc.report_usage(d, "a1", Resources.of(cpu=50))
+    for _ in range(100):
+        found = [w.id async for w in client.list_workflows(
+            f"WorkflowType='EnforceAgentQuotas' AND ExecutionStatus='Completed' AND Domain='{d}'")]
+        if found:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise RuntimeError("no EnforceAgentQuotas run completed")
+    out["enforce_quotas.json"] = await _history(client, found[0])
+    sup = (await tc.agent_status(d, "a1")).spec.supervisor
+    out["supervisor_quota_watch.json"] = await _history(client, f"supervisor/{d}/{sup}")
+
+
 async def main() -> None:
     extra: list[str] = []
     for key, value in TUNED_DYNAMIC_CONFIG.items():
@@ -136,7 +197,8 @@ async def main() -> None:
         started = history.events[0].workflow_execution_started_event_attributes
         index[name] = {"workflow_id": history.workflow_id, "workflow_type": started.workflow_type.name}
         print(f"{name}: {history.workflow_id} ({len(history.events)} events)")
-    (HERE / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    kept = {k: v for k, v in json.loads((HERE / "index.json").read_text()).items() if k.startswith("before_")}
+    (HERE / "index.json").write_text(json.dumps(kept | index, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
