@@ -8,9 +8,9 @@ from pydantic import BaseModel
 
 from tetrarch.models import PoolView
 from tetrarch.policy import PlacementStrategy
-from tetrarch.pools import KINDS, component_min
+from tetrarch.pools import component_min
 from tetrarch.resource_ops import CapacityMove
-from tetrarch.resources import Resources
+from tetrarch.resources import KINDS, Resources
 
 
 class Candidate(BaseModel):

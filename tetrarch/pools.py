@@ -22,10 +22,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from tetrarch.policy import ResourceCap
-from tetrarch.resources import Resources, total
-
-#: The resource kinds of a vector, in a fixed order.
-KINDS = ("cpu_millis", "memory_mib", "gpu")
+from tetrarch.resources import KINDS, Resources, total
 
 
 class Grant(BaseModel):
@@ -60,8 +57,7 @@ def key_agent(key: str) -> str:
 
 def component_min(a: Resources, b: Resources) -> Resources:
     """Component-wise minimum: the part of ``a`` that ``b`` can pay."""
-    return Resources(cpu_millis=min(a.cpu_millis, b.cpu_millis), memory_mib=min(a.memory_mib, b.memory_mib),
-                     gpu=min(a.gpu, b.gpu))
+    return Resources(**{k: min(getattr(a, k), getattr(b, k)) for k in KINDS})
 
 
 def lendable(free: Resources, lent: Resources, limit: ResourceCap | None) -> Resources:
@@ -72,11 +68,8 @@ def lendable(free: Resources, lent: Resources, limit: ResourceCap | None) -> Res
     """
     if limit is None:
         return free
-    big = 1 << 62
-    headroom = limit.bounded(big)
-    room = Resources(cpu_millis=max(0, headroom.cpu_millis - lent.cpu_millis),
-                     memory_mib=max(0, headroom.memory_mib - lent.memory_mib),
-                     gpu=max(0, headroom.gpu - lent.gpu))
+    headroom = limit.bounded(1 << 62)
+    room = Resources(**{k: max(0, getattr(headroom, k) - getattr(lent, k)) for k in KINDS})
     return component_min(free, room)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -122,41 +123,51 @@ class Resources(BaseModel):
         """Build from human quantities: ``Resources.of(cpu=10, memory="10Gi")``."""
         return cls(cpu_millis=parse_cpu(cpu), memory_mib=parse_memory(memory), gpu=gpu)
 
+    def _values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, k) for k in KINDS)
+
+    @classmethod
+    def _of_values(cls, values: tuple[int, ...] | list[int]) -> Resources:
+        return cls(**dict(zip(KINDS, values, strict=True)))
+
     def __add__(self, other: Resources) -> Resources:
-        return Resources(cpu_millis=self.cpu_millis + other.cpu_millis,
-                         memory_mib=self.memory_mib + other.memory_mib, gpu=self.gpu + other.gpu)
+        return Resources._of_values([a + b for a, b in zip(self._values(), other._values(), strict=True)])
 
     def minus(self, other: Resources) -> Resources:
         """Component-wise difference; raises ValueError if any component would go negative."""
         if not other.fits_in(self):
             raise ValueError(f"cannot subtract {other.human()} from {self.human()}")
-        return Resources(cpu_millis=self.cpu_millis - other.cpu_millis,
-                         memory_mib=self.memory_mib - other.memory_mib, gpu=self.gpu - other.gpu)
+        return Resources._of_values([a - b for a, b in zip(self._values(), other._values(), strict=True)])
 
     def fits_in(self, other: Resources) -> bool:
         """True when every component of self is at most the same component of ``other``."""
-        return (self.cpu_millis <= other.cpu_millis and self.memory_mib <= other.memory_mib
-                and self.gpu <= other.gpu)
+        return all(a <= b for a, b in zip(self._values(), other._values(), strict=True))
 
     def shortfall(self, available: Resources) -> dict[str, str]:
         """The components by which self exceeds ``available``, rendered for people (empty if it fits)."""
         out: dict[str, str] = {}
-        if self.cpu_millis > available.cpu_millis:
-            out["cpu"] = f"needs {format_cpu(self.cpu_millis)}, has {format_cpu(available.cpu_millis)}"
-        if self.memory_mib > available.memory_mib:
-            out["memory"] = (f"needs {format_memory(self.memory_mib)}, "
-                             f"has {format_memory(available.memory_mib)}")
-        if self.gpu > available.gpu:
-            out["gpu"] = f"needs {self.gpu}, has {available.gpu}"
+        for kind, need, has in zip(KINDS, self._values(), available._values(), strict=True):
+            if need > has:
+                name, fmt = KIND_NAMES[kind]
+                out[name] = f"needs {fmt(need)}, has {fmt(has)}"
         return out
 
     def is_zero(self) -> bool:
         """True when nothing is requested."""
-        return self.cpu_millis == 0 and self.memory_mib == 0 and self.gpu == 0
+        return not any(self._values())
 
     def human(self) -> str:
         """Short human rendering: ``10 CPU / 10Gi / 0 GPU``."""
-        return f"{format_cpu(self.cpu_millis)} CPU / {format_memory(self.memory_mib)} / {self.gpu} GPU"
+        return " / ".join(KIND_NAMES[k][1](v) + KIND_UNITS[k] for k, v in zip(KINDS, self._values(), strict=True))
+
+
+#: The kinds of a resource vector, in field order. A new kind is one more integer field on
+#: :class:`Resources` with a name and a formatter here; pools, grants and audits handle every kind.
+KINDS: tuple[str, ...] = tuple(Resources.model_fields)
+#: Each kind's name in messages, and how its quantity is shown.
+KIND_NAMES: dict[str, tuple[str, Callable[[int], str]]] = {
+    "cpu_millis": ("cpu", format_cpu), "memory_mib": ("memory", format_memory), "gpu": ("gpu", str)}
+KIND_UNITS: dict[str, str] = {"cpu_millis": " CPU", "memory_mib": "", "gpu": " GPU"}
 
 
 def total(items: list[Resources]) -> Resources:

@@ -885,7 +885,8 @@ def test_register_escalates_the_spawn_allocation_and_unregister_returns_it():
     grants = spawn(h, "research", "sup-1", "b", res(12, "1Gi"), "spawn-b", T0)
     assert [g.own for g in grants] == [res(10, "1Gi"), res(2)]
     assert grants[0].spawn
-    assert grants[0].key == allocation_key("research", "b", "spawn-b")
+    assert key_agent(grants[0].key) == "research/b"
+    assert "spawn-b" in grants[0].key
     assert h.audit().ok
     # an identical retry is idempotent (created: the same request made it) and takes nothing
     before = h.dumps()
@@ -905,6 +906,15 @@ def test_register_escalates_the_spawn_allocation_and_unregister_returns_it():
     assert (mgr_released, orch_released) == ([grants[1]], [])
     assert all(lv.grants == {} for lv in h.levels())
     assert h.audit().ok
+
+
+def test_an_allocation_named_like_the_spawn_request_is_not_the_spawn_allocation():
+    h = seed_chain()
+    spawned = spawn(h, "research", "sup-1", "b", res(2), "x", T0)
+    got = alloc_for(h, "b", res(2), "x")  # allocation id == the spawn's request id, same size
+    assert got[0].key != spawned[0].key
+    assert not got[0].spawn
+    assert h.supervisors["research", "sup-1"].children["b"].resources == res(4)
 
 
 def test_release_by_agent_and_by_owner():
