@@ -86,6 +86,7 @@ class Reserve(BaseModel):
         default=None, description="Judged by this level's policy first; ``resources`` there is the agent's total "
                                   "after this allocation (supervisors fill it in from their ledger).")
     priority: int = 0
+    spawn: bool = Field(default=False, description="A share of an agent's spawn allocation (escalated by a spawn).")
 
 
 class ReserveResult(BaseModel):
@@ -548,7 +549,7 @@ class LevelState(BaseModel):
         own, rest = self._split(req.resources, req.escalate, f"agent {req.key.split('#')[0]}", lending=not is_sup)
         grant = Grant(key=req.key, agent=req.key.split("#", 1)[0], child=req.child, own=own, borrowed=rest,
                       request_id=req.request_id, priority=req.priority if not is_sup else child.priority,
-                      created_at=now)
+                      spawn=req.spawn, created_at=now)
         self.grants[req.key] = grant
         if after is not None:
             child.resources = after

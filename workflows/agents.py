@@ -112,7 +112,7 @@ class SpawnAgentWorkflow:
             if reg.grant is not None and reg.grant.request_id == rid:
                 # What the supervisor could not pay is borrowed from the domain, then the global pool.
                 await escalate(saga, rid, reg.grant.key, req.domain, sup_name, reg.grant.borrowed, None,
-                               req.priority)
+                               req.priority, spawn=True)
             now = workflow.now()
             spec = AgentSpec(domain=req.domain, supervisor=sup_name, name=req.name,
                              resources=reg.child.resources, image=req.image, labels=req.labels,

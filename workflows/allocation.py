@@ -24,7 +24,7 @@ from workflows.common import Saga, gather_all
 
 
 async def escalate(saga: Saga, rid: str, key: str, domain: str, supervisor: str, remainder: Resources,
-                   check: PolicyCheck | None, priority: int = 0) -> dict[str, Resources]:
+                   check: PolicyCheck | None, priority: int = 0, spawn: bool = False) -> dict[str, Resources]:
     """Borrow what the supervisor could not pay: from the domain, then from the global pool.
 
     Returns what each higher level paid. The top pays all of what reaches it or refuses, and then the
@@ -37,13 +37,14 @@ async def escalate(saga: Saga, rid: str, key: str, domain: str, supervisor: str,
     manager, orchestrator = LevelRef.manager(domain), LevelRef.orchestrator()
     saga.add(f"return {key} to {manager.entity_id}", lambda: steps.release_grants(manager, undo))
     mid = await steps.reserve(manager, Reserve(request_id=rid, key=key, child=supervisor, resources=remainder,
-                                               check=check, priority=priority))
+                                               check=check, priority=priority, spawn=spawn))
     parts[Level.MANAGER.value] = mid.grant.own
     if mid.remainder.is_zero():
         return parts
     saga.add(f"return {key} to {orchestrator.entity_id}", lambda: steps.release_grants(orchestrator, undo))
     top = await steps.reserve(orchestrator, Reserve(request_id=rid, key=key, child=domain, resources=mid.remainder,
-                                                    escalate=False, check=check, priority=priority))
+                                                    escalate=False, check=check, priority=priority,
+                                                    spawn=spawn))
     parts[Level.ORCHESTRATOR.value] = top.grant.own
     return parts
 

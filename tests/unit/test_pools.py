@@ -232,7 +232,7 @@ class Refused(Exception):
 
 
 def escalate(h: Hierarchy, domain: str, sup: str, key: str, remainder: Resources, request_id: str,
-             now: datetime) -> list[ReserveResult]:
+             now: datetime, spawn: bool = False) -> list[ReserveResult]:
     """Reserve what the supervisor left at its manager, and what that left at the orchestrator.
 
     On a refusal the shares this call created are released again (newest first) and Refused is raised.
@@ -245,7 +245,8 @@ def escalate(h: Hierarchy, domain: str, sup: str, key: str, remainder: Resources
         for level, child in steps:
             if remainder.is_zero():
                 break
-            r = level.reserve(Reserve(request_id=request_id, key=key, child=child, resources=remainder), now)
+            r = level.reserve(Reserve(request_id=request_id, key=key, child=child, resources=remainder,
+                                      spawn=spawn), now)
             results.append(r)
             if r.created:
                 created.append(level)
@@ -288,7 +289,7 @@ def spawn(h: Hierarchy, domain: str, sup: str, agent: str, resources: Resources,
     if result.grant is None:
         return []
     try:
-        above = escalate(h, domain, sup, result.grant.key, result.grant.borrowed, request_id, now)
+        above = escalate(h, domain, sup, result.grant.key, result.grant.borrowed, request_id, now, spawn=True)
     except Refused as e:
         if result.created:
             s.unregister_child(ChildRef(request_id=request_id, name=agent, owner=request_id), now)
@@ -1041,3 +1042,18 @@ def test_retried_spawn_of_an_agent_without_spawn_resources_is_idempotent():
     with pytest.raises(Conflict, match="different definition"):
         sup.register_child(RegisterChild(request_id="spawn-a", name=AGENT, resources=res(1), escalate=True), T0)
     assert h.dumps() == before
+
+
+def test_keep_spawn_keeps_the_spawn_share_at_every_level():
+    """A spawn that borrowed marks its shares above as spawn shares too: releasing an agent's extra
+    allocations with keep_spawn at the domain or global level leaves the spawn allocation whole."""
+    h = seed_chain()
+    spawn(h, "research", "sup-1", "b", Resources.of(cpu=12, memory="1Gi"), "spawn-b", T0)  # sup pays 10, domain 2
+    extra = alloc_for(h, "b", Resources.of(cpu=1), "extra")
+    assert any(not g.own.is_zero() for g in extra[1:]), "the extra allocation was lent from above"
+    _, mgr, orch = h.chain("research", "sup-1")
+    released = mgr.release(ReleaseGrants(agent="research/b", keep_spawn=True), T0).keys
+    released += orch.release(ReleaseGrants(agent="research/b", keep_spawn=True), T0).keys
+    h.supervisors["research", "sup-1"].release(ReleaseGrants(agent="research/b", keep_spawn=True), T0)
+    assert released and all(k.endswith("#extra") for k in released)
+    assert h.audit().ok, h.audit().problems
