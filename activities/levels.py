@@ -44,7 +44,7 @@ from tetrarch.calls import (
     StartQuotaWatch,
     TransferCall,
 )
-from tetrarch.decisions import PolicyCheck, Verdict
+from tetrarch.decisions import ChainLink, PolicyCheck, Verdict, evaluate
 from tetrarch.errors import CapacityExceeded, Conflict, NotFound
 from tetrarch.level import (
     AdmitResult,
@@ -238,20 +238,18 @@ class LevelActivities:
         if supervisor is None:
             state = await query(self.client, agent_ref, AgentWorkflow.describe, AgentState)
             supervisor = state.spec.supervisor
-        found = await query(self.client, LevelRef.supervisor(call.domain, supervisor), ManagementEntity.child,
-                            ChildLookup, arg=ChildRef(name=call.agent))
+        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain), LevelRef.supervisor(call.domain, supervisor)]
+        # One round of Queries at once: the agent's holdings and the three levels' policies. The chain
+        # is then judged here, on the agent's total after the allocation.
+        found, *links = await asyncio.gather(
+            query(self.client, chain[2], ManagementEntity.child, ChildLookup, arg=ChildRef(name=call.agent)),
+            *(query(self.client, t, ManagementEntity.link, ChainLink) for t in chain))
+        assert isinstance(found, ChildLookup)
         if found.child is None:
             raise domain_error(NotFound(f"supervisor {call.domain}/{supervisor} has no agent {call.agent!r}",
-                                        level=Level.SUPERVISOR.value,
-                                        entity=LevelRef.supervisor(call.domain, supervisor).entity_id))
-        current = found.child.resources
-        check = PolicyCheck(operation=OperationType.ALLOCATE, domain=call.domain, supervisor=supervisor,
-                            agent=call.agent, resources=current + call.resources)
-        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain), LevelRef.supervisor(call.domain, supervisor)]
-        top, *verdicts = await asyncio.gather(
-            query(self.client, chain[0], ManagementEntity.pool, PoolView),
-            *(query(self.client, t, ManagementEntity.judge, Verdict, arg=check) for t in chain))
-        assert isinstance(top, PoolView)
+                                        level=Level.SUPERVISOR.value, entity=chain[2].entity_id))
+        top = links[0]
+        assert isinstance(top, ChainLink)
         short = call.resources.shortfall(top.capacity)
         if short:  # more than the whole system has: refused before anything is reserved
             raise domain_error(CapacityExceeded(
@@ -259,8 +257,12 @@ class LevelActivities:
                 "(" + "; ".join(f"{k} {v}" for k, v in short.items()) + ")",
                 level=Level.ORCHESTRATOR.value, entity=chain[0].entity_id,
                 problems=[f"{k}: {v}" for k, v in short.items()]))
+        current = found.child.resources
+        check = PolicyCheck(operation=OperationType.ALLOCATE, domain=call.domain, supervisor=supervisor,
+                            agent=call.agent, resources=current + call.resources)
+        decision = evaluate(check, [lk for lk in links if isinstance(lk, ChainLink)])
         return AllocationCheck(supervisor=supervisor, current=current, priority=found.child.priority,
-                               verdicts=[v for v in verdicts if isinstance(v, Verdict)])
+                               verdicts=decision.verdicts)
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from tetrarch.agent import AgentState, StopAgent, Throttle, UsageReport
 from tetrarch.bootstrap import HierarchySpec
-from tetrarch.decisions import PolicyCheck, Verdict
+from tetrarch.decisions import ChainLink, PolicyCheck, Verdict
 from tetrarch.level import (
     AdmitAgents,
     AdmitResult,
@@ -153,6 +153,7 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Move nominal capacity between two children's slices."),
     ApiEntry("update", "mark_quota", _ENTITIES, QuotaMark, ChildView, "Record the quota action taken on an agent."),
     ApiEntry("query", "pool", _ENTITIES, None, PoolView, "This level's pool."),
+    ApiEntry("query", "link", _ENTITIES, None, ChainLink, "This level as a link of a policy chain."),
     ApiEntry("query", "ledger", _ENTITIES, None, LedgerSnapshot, "Every allocation share at this level."),
     ApiEntry("query", "child", _ENTITIES, ChildRef, ChildLookup, "One child by name."),
     ApiEntry("query", "judge", _ENTITIES, PolicyCheck, Verdict, "This level's verdict on an operation (what-if)."),

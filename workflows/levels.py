@@ -21,7 +21,7 @@ with workflow.unsafe.imports_passed_through():
     import pydantic
 
     from tetrarch.calls import StartQuotaWatch
-    from tetrarch.decisions import DecisionCache, PolicyCheck, Verdict
+    from tetrarch.decisions import ChainLink, DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
         AdmitAgents,
@@ -335,6 +335,11 @@ class ManagementEntity(EntityLoop):
     def pool(self) -> PoolView:
         """This level's pool: capacity, granted, free, borrowed, lent (cheap: no children listed)."""
         return self.state.pool_view()
+
+    @workflow.query
+    def link(self) -> ChainLink:
+        """This level as a link of a policy chain: its policy, pool and live agent count."""
+        return self.state.link()
 
     @workflow.query
     def ledger(self) -> LedgerSnapshot:

@@ -35,7 +35,6 @@ from tetrarch.level import (
 from tetrarch.names import Level
 from tetrarch.policy import Policy, ResourceCap, ResourcePolicy
 from tetrarch.pools import (
-    KINDS,
     Grant,
     LedgerSnapshot,
     allocation_key,
@@ -47,7 +46,7 @@ from tetrarch.pools import (
     split,
     totals,
 )
-from tetrarch.resources import Resources, total
+from tetrarch.resources import KINDS, Resources, total
 
 BIG = 1 << 62
 
