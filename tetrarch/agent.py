@@ -25,7 +25,7 @@ class AgentSpec(BaseModel):
     domain: str
     supervisor: str
     name: str
-    resources: Resources
+    resources: Resources = Field(description="Its spawn allocation; its supervisor's ledger holds every allocation.")
     image: str | None = Field(default=None, description="Agent image reference, once images exist.")
     labels: dict[str, str] = Field(default_factory=dict)
     request_id: str = Field(default="", description="The spawn that made it (its counts are released by it).")

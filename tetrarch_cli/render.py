@@ -91,8 +91,9 @@ def agent_state(st: AgentState) -> str:
         f"agent {st.entity_id}",
         f"  supervisor {s.domain}/{s.supervisor}",
         f"  status     {st.status.value}{f' ({st.status_reason})' if st.status_reason else ''}",
-        f"  resources  {s.resources.human()}",
+        f"  spawned    with {s.resources.human()} (all it holds: tetrarch resources show {s.domain} {s.name})",
         f"  image      {s.image or '-'}",
+        *([f"  uses       {st.used.human()}" + (" (throttled)" if st.throttled else "")] if st.used else []),
         f"  started    {st.started_at.isoformat(timespec='seconds')}",
     ])
 
