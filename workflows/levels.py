@@ -184,11 +184,18 @@ class ManagementEntity(EntityLoop):
         return LevelInput(level_state=self.state, settings=self.settings)
 
     def _has_work(self) -> bool:
-        return self.state.level is Level.SUPERVISOR and bool(self.state.watches_due())
+        # Cheap: only a usage report can start an overuse, so the children are scanned only after one.
+        return self._usage_reported
+
+    def _init_loop(self, settings: EntitySettings) -> None:
+        super()._init_loop(settings)
+        # A continued run scans once: an overuse may have been recorded without its watch started.
+        self._usage_reported = self.state.level is Level.SUPERVISOR and bool(self.state.watches_due())
 
     async def _work(self) -> None:
         """Start one EnforceAgentQuotas run per new overuse of an agent (it waits out the grace and acts)."""
         assert self.state.domain is not None
+        self._usage_reported = False
         for name, since in self.state.watches_due():
             self.state.mark_watched(name, since)  # first: a failed start is logged, not retried in a loop
             watch = QuotaWatch(domain=self.state.domain, supervisor=self.state.name, agent=name, since=since)
@@ -258,6 +265,8 @@ class ManagementEntity(EntityLoop):
         """An upward report from a child."""
         if self.state.apply_report(report):
             self._touch()
+            if report.used is not None and self.state.level is Level.SUPERVISOR:
+                self._usage_reported = True
         else:
             self._run_updates += 1
 

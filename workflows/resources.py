@@ -207,6 +207,16 @@ class ReclaimResourcesWorkflow:
             result.satisfied = True
             return result
         await steps.set_reclaiming(target, Reclaiming(request_id=f"{rid}/begin", resources=req.resources))
+        try:
+            return await self._reclaim(req, rid, target, view, result)
+        except BaseException:
+            # A reclaim that cannot finish must not leave its level refusing loans for good.
+            await asyncio.shield(asyncio.ensure_future(
+                steps.set_reclaiming(target, Reclaiming(request_id=f"{rid}/abort"))))
+            raise
+
+    async def _reclaim(self, req: ReclaimRequest, rid: str, target: LevelRef, view: LevelView,
+                       result: ReclaimResult) -> ReclaimResult:
         loans = [g for g in (await steps.read_ledger(target)).grants if not g.own.is_zero()]
         for grant in loans:
             if await self._is_idle(target, grant):
