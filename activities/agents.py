@@ -10,7 +10,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from activities.calls import query, translate, update
+from activities.calls import query, raise_translated, update
 from tetrarch.agent import AgentLookup, AgentState, StopAgent, Throttle
 from tetrarch.calls import DiscardAgentCall, StopAgentCall, ThrottleCall
 from tetrarch.models import AgentStatus, LevelRef
@@ -67,7 +67,7 @@ class AgentActivities:
             desc = await handle.describe()
             state: AgentState = await handle.query(AgentWorkflow.describe)
         except (RPCError, WorkflowQueryFailedError) as e:
-            raise translate(e, target) from e
+            raise_translated(e, target)
         running = desc.status is not None and desc.status.name == "RUNNING"
         return AgentLookup(state=state, running=running)
 

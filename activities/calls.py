@@ -9,7 +9,7 @@ retryable and the activity's retry policy handles them.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel
 from temporalio.client import (
@@ -59,6 +59,18 @@ def translate(err: BaseException, target: LevelRef) -> BaseException:
     return err
 
 
+def raise_translated(err: BaseException, target: LevelRef) -> NoReturn:
+    """Raise ``err``'s translation (caused by ``err``), or ``err`` itself when it stays as it is.
+
+    ``raise translate(e) from e`` would make an untranslated transport fault its own cause, and
+    reporting such an error (the failure converter walks the causes) recurses without end.
+    """
+    out = translate(err, target)
+    if out is err:
+        raise err
+    raise out from err
+
+
 def _digest(arg: Any) -> str:
     """A short digest of an Update's argument: one request id reused for another target or another
     definition must not be answered with the first call's result."""
@@ -79,7 +91,7 @@ async def update(client: Client, target: LevelRef, method: Any, arg: Any, result
     try:
         result = await handle.execute_update(method, arg, id=update_id, result_type=result_type)
     except (WorkflowUpdateFailedError, RPCError) as e:
-        raise translate(e, target) from e
+        raise_translated(e, target)
     return result  # type: ignore[no-any-return]
 
 
@@ -95,5 +107,5 @@ async def query(client: Client, target: LevelRef, method: Any, result_type: type
     except WorkflowQueryRejectedError:
         raise not_found(target) from None
     except (RPCError, WorkflowQueryFailedError) as e:
-        raise translate(e, target) from e
+        raise_translated(e, target)
     return result  # type: ignore[no-any-return]

@@ -44,7 +44,7 @@ from tetrarch.calls import (
     StartQuotaWatch,
     TransferCall,
 )
-from tetrarch.decisions import ChainLink, PolicyCheck, Verdict, evaluate
+from tetrarch.decisions import ChainLink, Verdict
 from tetrarch.errors import CapacityExceeded, Conflict, NotFound
 from tetrarch.level import (
     AdmitResult,
@@ -61,7 +61,7 @@ from tetrarch.models import ChildStatus, ChildView, LevelRef, LevelView, PoolVie
 from tetrarch.names import Level
 from tetrarch.operations import LevelInput
 from tetrarch.placement import Candidate, PlacementInfo
-from tetrarch.policy import OperationType, PlacementStrategy, Policy
+from tetrarch.policy import PlacementStrategy, Policy
 from tetrarch.pools import LedgerSnapshot
 from tetrarch.resource_ops import AllocationCheck
 from workflows.agent import AgentWorkflow
@@ -228,41 +228,26 @@ class LevelActivities:
 
     @activity.defn
     async def check_allocation(self, call: CheckAllocation) -> AllocationCheck:
-        """Find the agent's supervisor and holdings, and ask its three levels' policies at once (Queries only).
+        """Find the agent's supervisor and read the policies above it (Queries only, at once).
 
-        The check judges the agent's total after the allocation, so a per-agent cap refuses here, before
-        anything is reserved.
+        The supervisor's reserve then judges the whole chain on the agent's live total, so a policy
+        refusal comes before anything is reserved; a request above the whole system is refused here.
         """
         supervisor = call.supervisor
-        agent_ref = LevelRef.agent(call.domain, call.agent)
         if supervisor is None:
-            state = await query(self.client, agent_ref, AgentWorkflow.describe, AgentState)
+            state = await query(self.client, LevelRef.agent(call.domain, call.agent), AgentWorkflow.describe,
+                                AgentState)
             supervisor = state.spec.supervisor
-        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain), LevelRef.supervisor(call.domain, supervisor)]
-        # One round of Queries at once: the agent's holdings and the three levels' policies. The chain
-        # is then judged here, on the agent's total after the allocation.
-        found, *links = await asyncio.gather(
-            query(self.client, chain[2], ManagementEntity.child, ChildLookup, arg=ChildRef(name=call.agent)),
-            *(query(self.client, t, ManagementEntity.link, ChainLink) for t in chain))
-        assert isinstance(found, ChildLookup)
-        if found.child is None:
-            raise domain_error(NotFound(f"supervisor {call.domain}/{supervisor} has no agent {call.agent!r}",
-                                        level=Level.SUPERVISOR.value, entity=chain[2].entity_id))
-        top = links[0]
-        assert isinstance(top, ChainLink)
-        short = call.resources.shortfall(top.capacity)
-        if short:  # more than the whole system has: refused before anything is reserved
+        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain)]
+        links = list(await asyncio.gather(*(query(self.client, t, ManagementEntity.link, ChainLink) for t in chain)))
+        short = call.resources.shortfall(links[0].capacity)
+        if short:
             raise domain_error(CapacityExceeded(
                 f"agent {call.domain}/{call.agent} asks {call.resources.human()}, more than the whole system has "
                 "(" + "; ".join(f"{k} {v}" for k, v in short.items()) + ")",
                 level=Level.ORCHESTRATOR.value, entity=chain[0].entity_id,
                 problems=[f"{k}: {v}" for k, v in short.items()]))
-        current = found.child.resources
-        check = PolicyCheck(operation=OperationType.ALLOCATE, domain=call.domain, supervisor=supervisor,
-                            agent=call.agent, resources=current + call.resources)
-        decision = evaluate(check, [lk for lk in links if isinstance(lk, ChainLink)])
-        return AllocationCheck(supervisor=supervisor, current=current, priority=found.child.priority,
-                               verdicts=decision.verdicts)
+        return AllocationCheck(supervisor=supervisor, above=links)
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

@@ -54,6 +54,7 @@ class ChildRecord(BaseModel):
     quota_action: QuotaAction | None = Field(default=None, description="Agents: the quota action already taken.")
     quota_watch: datetime | None = Field(
         default=None, description="Agents: the overuse (by its start) an EnforceAgentQuotas run already watches.")
+    lift_throttle: bool = Field(default=False, description="Agents: throttled, and back within the allocation.")
 
 
 class RegisterChild(BaseModel):
@@ -85,6 +86,8 @@ class Reserve(BaseModel):
     check: PolicyCheck | None = Field(
         default=None, description="Judged by this level's policy first; ``resources`` there is the agent's total "
                                   "after this allocation (supervisors fill it in from their ledger).")
+    above: list[ChainLink] = Field(
+        default_factory=list, description="Supervisors: the levels above (top first), judged with this one.")
     priority: int = 0
     spawn: bool = Field(default=False, description="A share of an agent's spawn allocation (escalated by a spawn).")
 
@@ -545,7 +548,13 @@ class LevelState(BaseModel):
         after = (child.resources + req.resources) if is_sup else None
         if req.check is not None:
             check = req.check if after is None else req.check.model_copy(update={"resources": after})
-            self._enforce(check, cache)
+            if req.above:  # the whole chain at once, on the agent's live total: the highest refusal decides
+                decision = evaluate(check, [*req.above, self.link()])
+                if not decision.allowed:
+                    raise PolicyDenied(decision.reason or "refused", level=decision.level or self.level.value,
+                                       entity=decision.entity or self.entity_id, data={"rule": decision.rule})
+            else:
+                self._enforce(check, cache)
         own, rest = self._split(req.resources, req.escalate, f"agent {req.key.split('#')[0]}", lending=not is_sup)
         grant = Grant(key=req.key, agent=req.key.split("#", 1)[0], child=req.child, own=own, borrowed=rest,
                       request_id=req.request_id, priority=req.priority if not is_sup else child.priority,
@@ -617,6 +626,13 @@ class LevelState(BaseModel):
         """Agents over their allocation whose overuse no EnforceAgentQuotas run watches yet."""
         return sorted((n, c.over_quota_since) for n, c in self.children.items()
                       if c.over_quota_since is not None and c.quota_watch != c.over_quota_since)
+
+    def throttles_to_lift(self) -> list[str]:
+        """Throttled agents whose use is back within their allocation; each is lifted once."""
+        names = sorted(n for n, c in self.children.items() if c.lift_throttle)
+        for n in names:
+            self.children[n].lift_throttle = False
+        return names
 
     def mark_watched(self, name: str, since: datetime) -> None:
         """An EnforceAgentQuotas run now watches this overuse."""
@@ -740,6 +756,8 @@ class LevelState(BaseModel):
             child.used = report.used
             over = not report.used.fits_in(child.resources)
             if not over:
+                if child.quota_action is QuotaAction.THROTTLE:
+                    child.lift_throttle = True
                 child.over_quota_since, child.quota_action = None, None
             elif child.over_quota_since is None:
                 child.over_quota_since = report.reported_at or self.updated_at

@@ -52,11 +52,15 @@ def place(candidates: list[Candidate], request: Resources, strategy: PlacementSt
 def plan_balance(pools: dict[str, PoolView]) -> list[CapacityMove]:
     """Moves of free nominal capacity toward supervisors that borrow, never below what a donor has granted.
 
-    A supervisor's demand is what it borrows from its domain; its spare is its free pool. The neediest
-    (largest borrowing first, then by name) take from the donors with the most spare first.
+    A supervisor's demand is what it borrows from its domain beyond what it has free again (a move
+    does not refinance loans already made, so capacity moved before still counts, and a second run
+    right after the first moves nothing); its spare is what it has free beyond what it borrows. The
+    neediest (largest first, then by name) take from the donors with the most spare first.
     """
-    need = {n: p.borrowed for n, p in pools.items() if not p.borrowed.is_zero()}
-    spare = {n: p.free for n, p in pools.items() if not p.free.is_zero()}
+    need = {n: _excess(p.borrowed, p.free) for n, p in pools.items()}
+    spare = {n: _excess(p.free, p.borrowed) for n, p in pools.items()}
+    need = {n: r for n, r in need.items() if not r.is_zero()}
+    spare = {n: r for n, r in spare.items() if not r.is_zero()}
     moves: list[CapacityMove] = []
     for target in sorted(need, key=lambda n: (_size(need[n]), n)):
         for source in sorted(spare, key=lambda n: (_size(spare[n]), n)):
@@ -71,6 +75,11 @@ def plan_balance(pools: dict[str, PoolView]) -> list[CapacityMove]:
             if need[target].is_zero():
                 break
     return moves
+
+
+def _excess(a: Resources, b: Resources) -> Resources:
+    """Component-wise ``max(a - b, 0)``."""
+    return Resources(**{k: max(0, getattr(a, k) - getattr(b, k)) for k in KINDS})
 
 
 def _size(r: Resources) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tetrarch.decisions import Verdict
+from tetrarch.decisions import ChainLink
 from tetrarch.models import ChildView, PoolView
 from tetrarch.policy import QuotaAction
 from tetrarch.pools import Grant
@@ -37,12 +37,11 @@ class AllocateRequest(_Request):
 
 
 class AllocationCheck(BaseModel):
-    """What the levels said about an allocation before anything was reserved."""
+    """Where an allocation goes, and the policies above its supervisor (judged by the supervisor's
+    reserve, atomically with the agent's live total, before anything is reserved)."""
 
     supervisor: str
-    current: Resources = Field(description="What the agent holds now.")
-    priority: int = 0
-    verdicts: list[Verdict]
+    above: list[ChainLink] = Field(description="The orchestrator's and the manager's links, top first.")
 
 
 class AllocationResult(BaseModel):

@@ -20,7 +20,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.calls import StartQuotaWatch
+    from tetrarch.calls import StartQuotaWatch, ThrottleCall
     from tetrarch.decisions import ChainLink, DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
@@ -47,14 +47,14 @@ with workflow.unsafe.imports_passed_through():
         TransferCapacity,
         UnregisterResult,
     )
-    from tetrarch.models import ChildView, LevelSummary, LevelView, PoolView
+    from tetrarch.models import ChildView, LevelRef, LevelSummary, LevelView, PoolView
     from tetrarch.names import ORCHESTRATOR_ID, Level, manager_id
     from tetrarch.operations import EntitySettings, LevelInput
     from tetrarch.policy import Policy
     from tetrarch.pools import LedgerSnapshot
     from tetrarch.resource_ops import QuotaWatch
 
-from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, to_application_error
+from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, queues, to_application_error
 
 T = TypeVar("T")
 
@@ -190,7 +190,8 @@ class ManagementEntity(EntityLoop):
     def _init_loop(self, settings: EntitySettings) -> None:
         super()._init_loop(settings)
         # A continued run scans once: an overuse may have been recorded without its watch started.
-        self._usage_reported = self.state.level is Level.SUPERVISOR and bool(self.state.watches_due())
+        self._usage_reported = self.state.level is Level.SUPERVISOR and (
+            bool(self.state.watches_due()) or any(c.lift_throttle for c in self.state.children.values()))
 
     async def _work(self) -> None:
         """Start one EnforceAgentQuotas run per new overuse of an agent (it waits out the grace and acts)."""
@@ -206,6 +207,15 @@ class ManagementEntity(EntityLoop):
                     retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=5)))
             except Exception as e:
                 workflow.logger.error("could not start quota enforcement for %s: %s", name, e)
+        for name in self.state.throttles_to_lift():
+            try:
+                await workflow.execute_activity(
+                    "throttle_agent", ThrottleCall(target=LevelRef.agent(self.state.domain, name), throttled=False,
+                                                   reason="back within its allocation"),
+                    task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=5)))
+            except Exception as e:
+                workflow.logger.error("could not lift the throttle of %s: %s", name, e)
 
     def _tag(self) -> None:
         """Tag this entity with its level, domain and supervisor for the UI and list queries."""

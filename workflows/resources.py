@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
 
     from tetrarch.calls import CheckAllocation
     from tetrarch.decisions import ChainLink, PolicyCheck, effective
-    from tetrarch.errors import InvalidRequest, NotFound, PolicyDenied
+    from tetrarch.errors import InvalidRequest, NotFound
     from tetrarch.level import ConfigureLevel, QuotaMark, Reclaiming, ReleaseGrants, Reserve, TransferCapacity
     from tetrarch.models import AgentStatus, LevelRef, LevelView, PoolView
     from tetrarch.names import Level
@@ -72,10 +72,6 @@ class AllocateResourcesWorkflow:
                 level=Level.SUPERVISOR.value))
         checked = await steps.check_allocation(CheckAllocation(domain=req.domain, agent=req.agent,
                                                                resources=req.resources, supervisor=req.supervisor))
-        for verdict in sorted(checked.verdicts, key=lambda v: _ORDER.index(v.level)):
-            if not verdict.allowed:  # the highest refusing level decides; nothing was reserved
-                raise to_application_error(PolicyDenied(verdict.reason, level=verdict.level, entity=verdict.entity,
-                                                        data={"rule": verdict.rule}))
         sup_name = checked.supervisor
         workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(sup_name)])
         supervisor = LevelRef.supervisor(req.domain, sup_name)
@@ -86,11 +82,14 @@ class AllocateResourcesWorkflow:
         try:
             undo = ReleaseGrants(request_id=f"{rid}/undo", keys=[key], owner=rid)
             saga.add(f"return {key} to {supervisor.entity_id}", lambda: steps.release_grants(supervisor, undo))
+            # The supervisor judges the three levels' policies on the agent's live total, then pays its share.
             first = await steps.reserve(supervisor, Reserve(request_id=rid, key=key, child=req.agent,
-                                                            resources=req.resources, check=check))
+                                                            resources=req.resources, check=check,
+                                                            above=checked.above))
             above = check.model_copy(update={"resources": first.agent_total})
             parts = {Level.SUPERVISOR.value: first.grant.own}
-            parts |= await escalate(saga, rid, key, req.domain, sup_name, first.remainder, above, checked.priority)
+            parts |= await escalate(saga, rid, key, req.domain, sup_name, first.remainder, above,
+                                    first.grant.priority)
         except BaseException as e:
             await saga.compensate()
             reraise(e)
@@ -277,14 +276,18 @@ class ReclaimResourcesWorkflow:
         if not supervisor:
             return False
         agent = key_agent(grant.key).split("/", 1)[1]
-        found = (await steps.read_child(LevelRef.supervisor(domain, supervisor), agent)).child
+        holder = LevelRef.supervisor(domain, supervisor)
+        found = (await steps.read_child(holder, agent)).child
         if found is None or found.used is None:
             return False
         status = found.last_report.status if found.last_report is not None else AgentStatus.RUNNING.value
         if status in (AgentStatus.STOPPED.value, AgentStatus.FAILED.value):
             return True
-        spawn_and_others = found.resources.minus(grant.size) if grant.size.fits_in(found.resources) else Resources()
-        return found.used.fits_in(spawn_and_others)
+        # The whole allocation (as its supervisor holds it), not only the lender's share of it.
+        whole = next((g.size for g in (await steps.read_ledger(holder)).grants if g.key == grant.key), None)
+        if whole is None or not whole.fits_in(found.resources):
+            return False
+        return found.used.fits_in(found.resources.minus(whole))
 
     async def _give_back(self, target: LevelRef, grant: Grant, rid: str) -> list[str]:
         domain, supervisor = await self._holder(target, grant)
