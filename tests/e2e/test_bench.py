@@ -16,7 +16,10 @@ ROWS = {
     "policy check, uncached, in process", "policy check, cached, in process",
     "policy check, cached, through a worker", "policy check, uncached, through a worker",
     "get status (fast path: a Query)", "spawn agent (one at a time)",
+    "resource allocation, served by the supervisor", "resource allocation, served by the manager",
+    "resource allocation, served by the orchestrator",
 }
+RATE_ROWS = {"resource allocations per second (20 in flight)"}
 
 
 def test_short_bench_reports_every_row_and_writes_json(tmp_path: Path) -> None:
@@ -25,14 +28,19 @@ def test_short_bench_reports_every_row_and_writes_json(tmp_path: Path) -> None:
     assert_clean(r)
     report = r.json
     by_name = {row["name"]: row for row in report["rows"]}
-    assert set(by_name) == ROWS
-    for name, row in by_name.items():
+    assert set(by_name) == ROWS | RATE_ROWS
+    for name in RATE_ROWS:
+        assert by_name[name]["samples"] > 0 and by_name[name]["per_second"] > 0, name
+    for name in ROWS:
+        row = by_name[name]
         assert row["samples"] > 0, name
         assert row["p50_ms"] is not None and row["p50_ms"] >= 0, name
         assert row["p95_ms"] >= row["p50_ms"], name
     assert by_name["ceiling: no-op workflow, start to result"]["per_second"] > 0
     assert by_name["policy check, cached, in process"]["per_second"] > 0
     assert "Update's p50" in by_name["policy check, cached, through a worker"]["ratio"]
+    for depth in ("supervisor", "manager", "orchestrator"):
+        assert "one Update" in by_name[f"resource allocation, served by the {depth}"]["ratio"], depth
     assert report["machine"]["cpus"] >= 1 and report["machine"]["temporalio"]
     assert report["settings"]["embedded_server"] is True
     files = list((tmp_path / "results").glob("bench-*.json"))
