@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from temporalio import activity
@@ -12,7 +13,8 @@ from temporalio.service import RPCError
 
 from activities.calls import query, raise_translated, update
 from tetrarch.agent import AgentLookup, AgentState, StopAgent, Throttle
-from tetrarch.calls import DiscardAgentCall, StopAgentCall, ThrottleCall
+from tetrarch.calls import DiscardAgentCall, StartAgents, StartedAgent, StartedAgents, StopAgentCall, ThrottleCall
+from tetrarch.errors import ErrorInfo
 from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.operations import AgentInput
 from workflows.agent import AgentWorkflow
@@ -43,6 +45,23 @@ class AgentActivities:
             # retry starts the new one (USE_EXISTING would otherwise hand back the old run).
             raise ApplicationError(f"{state.entity_id} is still stopping; retrying", type="AgentStopping")
         return state
+
+    @activity.defn
+    async def start_agents(self, call: StartAgents) -> StartedAgents:
+        """Start (or find) many agent entities at once: one activity for a whole batch."""
+
+        async def one(inp: AgentInput) -> StartedAgent:
+            try:
+                return StartedAgent(name=inp.agent_state.spec.name, state=await self.start_agent(inp))
+            except ApplicationError as e:
+                if e.type == "AgentStopping":  # retryable: the whole activity retries (starts are idempotent)
+                    raise
+                detail = e.details[0] if e.details else None
+                info = detail if isinstance(detail, ErrorInfo) else ErrorInfo(
+                    code=e.type or "Error", level="agent", entity=inp.agent_state.entity_id, message=e.message)
+                return StartedAgent(name=inp.agent_state.spec.name, error=info)
+
+        return StartedAgents(agents=list(await asyncio.gather(*(one(i) for i in call.inputs))))
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

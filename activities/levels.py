@@ -36,6 +36,7 @@ from tetrarch.calls import (
     ReclaimingCall,
     ReconfigureChildCall,
     RegisterChildCall,
+    RegisterChildrenCall,
     ReleaseCall,
     ReleaseGrantsCall,
     RemovalCall,
@@ -51,6 +52,7 @@ from tetrarch.level import (
     ChildLookup,
     ChildRef,
     ReconfigureResult,
+    RegisterChildrenResult,
     RegisterResult,
     ReleasedGrants,
     RemovalPlan,
@@ -106,6 +108,12 @@ class LevelActivities:
         """Admit a child at the target level."""
         return await update(self.client, call.target, ManagementEntity.register_child, call.request,
                             RegisterResult, call.request.request_id)
+
+    @activity.defn
+    async def register_children(self, call: RegisterChildrenCall) -> RegisterChildrenResult:
+        """Admit a batch of agents at the target supervisor."""
+        return await update(self.client, call.target, ManagementEntity.register_children, call.request,
+                            RegisterChildrenResult, call.request.request_id)
 
     @activity.defn
     async def reconfigure_child(self, call: ReconfigureChildCall) -> ReconfigureResult:

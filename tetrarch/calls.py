@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from tetrarch.agent import StopAgent
+from tetrarch.agent import AgentState, StopAgent
 from tetrarch.decisions import PolicyCheck
+from tetrarch.errors import ErrorInfo
 from tetrarch.level import (
     AdmitAgents,
     BeginRemoval,
@@ -19,6 +20,7 @@ from tetrarch.level import (
     Reclaiming,
     ReconfigureChild,
     RegisterChild,
+    RegisterChildren,
     ReleaseAgents,
     ReleaseGrants,
     Reserve,
@@ -26,6 +28,7 @@ from tetrarch.level import (
     TransferCapacity,
 )
 from tetrarch.models import LevelRef
+from tetrarch.operations import AgentInput
 from tetrarch.resource_ops import QuotaWatch
 from tetrarch.resources import Resources
 
@@ -182,3 +185,30 @@ class ThrottleCall(BaseModel):
     target: LevelRef
     throttled: bool = True
     reason: str = ""
+
+
+class RegisterChildrenCall(BaseModel):
+    """Admit a batch of agents at the supervisor ``target``."""
+
+    target: LevelRef
+    request: RegisterChildren
+
+
+class StartAgents(BaseModel):
+    """Start (or find) several agent entities at once."""
+
+    inputs: list[AgentInput]
+
+
+class StartedAgent(BaseModel):
+    """One agent of :class:`StartAgents`: its state, or why it could not be started."""
+
+    name: str
+    state: AgentState | None = None
+    error: ErrorInfo | None = None
+
+
+class StartedAgents(BaseModel):
+    """One outcome per agent, in order."""
+
+    agents: list[StartedAgent]

@@ -17,11 +17,13 @@ from tetrarch.decisions import CacheStats, ChainLink, DecisionCache, PolicyChain
 from tetrarch.errors import (
     CapacityExceeded,
     Conflict,
+    ErrorInfo,
     HasChildren,
     InvalidRequest,
     LimitExceeded,
     NotFound,
     PolicyDenied,
+    TetrarchError,
 )
 from tetrarch.models import (
     AgentStatus,
@@ -162,6 +164,30 @@ class AdmitAgents(BaseModel):
     request_id: str = ""
     agents: list[str]
     check: PolicyCheck
+    partial: bool = Field(default=False, description="Best effort: admit as many as the live count allows "
+                                                     "(in order) instead of all or none.")
+
+
+class RegisterChildren(BaseModel):
+    """Admit several agents in one Update (batch spawn): all or none, or each on its own (best effort)."""
+
+    request_id: str
+    children: list[RegisterChild]
+    all_or_nothing: bool = True
+
+
+class ChildOutcome(BaseModel):
+    """One child of a batch: registered, or why not."""
+
+    name: str
+    result: RegisterResult | None = None
+    error: ErrorInfo | None = None
+
+
+class RegisterChildrenResult(BaseModel):
+    """One outcome per child, in the order asked."""
+
+    outcomes: list[ChildOutcome]
 
 
 class ReleaseAgents(BaseModel):
@@ -393,11 +419,54 @@ class LevelState(BaseModel):
                                added=mine, agents=self.agent_count)
         self._require_active("admit agents")
         check = req.check if req.check.count == len(new) else req.check.model_copy(update={"count": len(new)})
+        if req.partial:
+            room = self._room(check)
+            if 0 < room < len(new):  # best effort: as many as the live count allows, in order
+                new = new[:room]
+                check = check.model_copy(update={"count": room})
         verdict = self._enforce(check, cache)
         for key in new:
             self.admitted_agents[key] = req.request_id
         self.updated_at = now
         return AdmitResult(verdict=verdict, added=new, agents=self.agent_count)
+
+    def _room(self, check: PolicyCheck) -> int:
+        """How many more agents this level's ``max_agents`` admits now (a large number if unlimited)."""
+        limit = self.policy.max_agents
+        return check.count if limit is None else max(0, limit - self.agent_count)
+
+    def register_children(self, req: RegisterChildren, now: datetime,
+                          cache: DecisionCache | None = None) -> RegisterChildrenResult:
+        """Register a batch of agents in one step.
+
+        All or nothing: every child is tried on a copy first and, if any is refused, the batch is refused
+        with every child's problem listed and nothing changes. Best effort: each child is registered or
+        refused on its own, in order.
+        """
+        if req.all_or_nothing:
+            trial = self.model_copy(deep=True)
+            refusals: list[tuple[str, TetrarchError]] = []
+            for child in req.children:
+                try:
+                    trial.register_child(child, now)
+                except TetrarchError as e:
+                    refusals.append((child.name, e))
+            if refusals:  # the first refusal's kind, with every agent's problem listed
+                problems = [f"{name}: {e.message}" for name, e in refusals]
+                first = refusals[0][1]
+                err = type(first)(f"{self.scope} refuses the batch of {len(req.children)} agents "
+                                  f"({len(problems)} cannot be admitted): " + "; ".join(problems[:5])
+                                  + (" ..." if len(problems) > 5 else ""),
+                                  level=self.level.value, entity=self.entity_id, problems=problems, data=first.data)
+                err.code = first.code
+                raise err
+        outcomes = []
+        for child in req.children:
+            try:
+                outcomes.append(ChildOutcome(name=child.name, result=self.register_child(child, now, cache)))
+            except TetrarchError as e:
+                outcomes.append(ChildOutcome(name=child.name, error=e.info()))
+        return RegisterChildrenResult(outcomes=outcomes)
 
     def release_agents(self, req: ReleaseAgents, now: datetime) -> AdmitResult:
         """Count agents out (idempotent)."""

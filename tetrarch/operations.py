@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tetrarch.agent import AgentState
+from tetrarch.errors import ErrorInfo
 from tetrarch.level import LevelState
 from tetrarch.models import ChildView, LevelView
 from tetrarch.policy import PlacementStrategy, Policy
@@ -101,6 +102,52 @@ class SpawnAgentRequest(_Request):
         default=None, description="Overrides the domain's placement strategy when no supervisor is named.")
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class BatchAgent(BaseModel):
+    """One agent of a batch spawn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    resources: Resources | None = Field(default=None, description="Defaults to the supervisor policy's default.")
+    image: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    priority: int = 0
+
+
+class BatchSpawnRequest(_Request):
+    """Spawn N agents under one supervisor in one validation pass (the seed's ``batchSpawnAgents``).
+
+    ``all_or_nothing`` (the default) spawns all of them or none; otherwise each is spawned or refused on
+    its own (up to what the levels' agent limits still admit), with one outcome per agent.
+    """
+
+    domain: str
+    supervisor: str | None = Field(default=None, description="Left out: the domain places the whole batch.")
+    agents: list[BatchAgent] = Field(min_length=1, max_length=1000)
+    all_or_nothing: bool = True
+    placement: PlacementStrategy | None = None
+
+
+class BatchAgentOutcome(BaseModel):
+    """One agent of a batch: spawned (and whether this request created it), or why not."""
+
+    name: str
+    spawned: bool
+    created: bool = False
+    agent: ChildView | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchSpawnResult(BaseModel):
+    """What a batch spawn did, agent by agent."""
+
+    domain: str
+    supervisor: str
+    spawned: int
+    refused: int
+    agents: list[BatchAgentOutcome]
 
 
 class StopAgentRequest(_Request):

@@ -29,6 +29,8 @@ from tetrarch.names import Level, TaskQueues, agent_id
 from tetrarch.operations import (
     AgentResult,
     ApplyResult,
+    BatchSpawnRequest,
+    BatchSpawnResult,
     ConfigureDomainRequest,
     ConfigureSupervisorRequest,
     CreateDomainRequest,
@@ -62,6 +64,7 @@ from tetrarch.resource_ops import (
 from tetrarch.resources import Resources
 from workflows.agent import AgentWorkflow
 from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
+from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagementEntity
@@ -198,6 +201,11 @@ class TetrarchClient:
         """Spawn an agent under a supervisor."""
         return await self._execute(SpawnAgentWorkflow.run, req, Level.SUPERVISOR, "spawn-agent",
                                    f"{req.domain}/{req.name}", AgentResult)
+
+    async def batch_spawn(self, req: BatchSpawnRequest) -> BatchSpawnResult:
+        """Spawn N agents under one supervisor in one validation pass (all or nothing, or best effort)."""
+        return await self._execute(BatchSpawnAgentsWorkflow.run, req, Level.SUPERVISOR, "batch-spawn",
+                                   req.domain, BatchSpawnResult)
 
     async def stop_agent(self, req: StopAgentRequest) -> RemovalResult:
         """Stop an agent cleanly and release its resources."""

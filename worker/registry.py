@@ -12,6 +12,7 @@ from typing import Any
 from tetrarch.names import Level
 from workflows.agent import AgentWorkflow
 from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
+from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
@@ -37,7 +38,8 @@ WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
                     RemoveSupervisorWorkflow, ScaleSupervisorsWorkflow, SetPolicyWorkflow,
                     BalanceSupervisorLoadWorkflow, ReclaimResourcesWorkflow),
     Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow,
-                       AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow),
+                       AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow,
+                       BatchSpawnAgentsWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 
@@ -51,9 +53,9 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
 
     if level is Level.AGENT:
         a = AgentActivities(client)
-        return [a.start_agent, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent]
+        return [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent]
     lv = LevelActivities(client)
-    return [lv.start_level, lv.describe_level, lv.register_child, lv.reconfigure_child,
+    return [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
             lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
             lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,

@@ -36,6 +36,8 @@ with workflow.unsafe.imports_passed_through():
         ReconfigureChild,
         ReconfigureResult,
         RegisterChild,
+        RegisterChildren,
+        RegisterChildrenResult,
         RegisterResult,
         ReleaseAgents,
         ReleasedGrants,
@@ -241,6 +243,16 @@ class ManagementEntity(EntityLoop):
     @register_child.validator
     def _validate_register_child(self, req: RegisterChild) -> None:
         self._dry_run(lambda s: s.register_child(req, workflow.now()))
+
+    @workflow.update
+    def register_children(self, req: RegisterChildren) -> RegisterChildrenResult:
+        """Admit a batch of agents in one step (all or none, or each on its own)."""
+        return self._apply(lambda s: s.register_children(req, workflow.now(), self._cache))
+
+    @register_children.validator
+    def _validate_register_children(self, req: RegisterChildren) -> None:
+        if req.all_or_nothing:
+            self._dry_run(lambda s: s.register_children(req, workflow.now()))
 
     @workflow.update
     def reconfigure_child(self, req: ReconfigureChild) -> ReconfigureResult:

@@ -29,11 +29,14 @@ with workflow.unsafe.imports_passed_through():
         ReclaimingCall,
         ReconfigureChildCall,
         RegisterChildCall,
+        RegisterChildrenCall,
         ReleaseCall,
         ReleaseGrantsCall,
         RemovalCall,
         ReserveCall,
         SetPolicyCall,
+        StartAgents,
+        StartedAgents,
         StopAgentCall,
         ThrottleCall,
         TransferCall,
@@ -51,6 +54,8 @@ with workflow.unsafe.imports_passed_through():
         ReconfigureChild,
         ReconfigureResult,
         RegisterChild,
+        RegisterChildren,
+        RegisterChildrenResult,
         RegisterResult,
         ReleaseAgents,
         ReleasedGrants,
@@ -293,4 +298,17 @@ async def throttle_agent(target: LevelRef, throttled: bool, reason: str) -> Agen
     """Tell an agent it is (or is no longer) throttled."""
     result: AgentState = await _run(AgentActivities.throttle_agent,
                                     ThrottleCall(target=target, throttled=throttled, reason=reason), Level.AGENT)
+    return result
+
+
+async def register_children(target: LevelRef, req: RegisterChildren) -> RegisterChildrenResult:
+    """Admit a batch of agents at the supervisor ``target``."""
+    result: RegisterChildrenResult = await _run(LevelActivities.register_children,
+                                                RegisterChildrenCall(target=target, request=req), target.level)
+    return result
+
+
+async def start_agents(inputs: list[AgentInput]) -> StartedAgents:
+    """Start (or find) many agent entities in one activity."""
+    result: StartedAgents = await _run(AgentActivities.start_agents, StartAgents(inputs=inputs), Level.AGENT)
     return result
