@@ -19,7 +19,7 @@ ROWS = {
     "resource allocation, served by the supervisor", "resource allocation, served by the manager",
     "resource allocation, served by the orchestrator",
 }
-RATE_ROWS = {"resource allocations per second (20 in flight)"}
+RATE_ROWS = {"resource allocations per second (20 in flight)", "batch spawn (50 agents in one request)"}
 
 
 def test_short_bench_reports_every_row_and_writes_json(tmp_path: Path) -> None:
