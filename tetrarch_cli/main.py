@@ -34,6 +34,8 @@ from tetrarch.models import LevelRef
 from tetrarch.names import Level
 from tetrarch.operations import (
     ApplyResult,
+    BatchAgent,
+    BatchSpawnRequest,
     ConfigureDomainRequest,
     ConfigureSupervisorRequest,
     CreateDomainRequest,
@@ -623,6 +625,35 @@ def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu
     borrowed = f", {r.borrowed.human()} borrowed from above" if r.borrowed and not r.borrowed.is_zero() else ""
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'} "
                           f"under {r.supervisor or supervisor_name}: {r.agent.resources.human()}{borrowed}")
+
+
+@agent.command("batch")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("supervisor_name", metavar="SUPERVISOR")
+@click.argument("count", type=click.IntRange(1, 1000))
+@resource_options
+@click.option("--prefix", "name_prefix", default="agent", show_default=True, help="Agents are named <prefix>-<n>.")
+@click.option("--best-effort", is_flag=True, help="Spawn what can be spawned; by default all or nothing.")
+@click.option("--request-id", default="")
+@json_option
+@click.pass_obj
+def agent_batch(ctx: Ctx, domain_name: str, supervisor_name: str, count: int, cpu: str | None, memory: str | None,
+                gpu: int | None, name_prefix: str, best_effort: bool, request_id: str) -> None:
+    """Spawn COUNT agents under SUPERVISOR of DOMAIN in one validation pass ('-': the domain places them)."""
+    each = _resources(cpu, memory, gpu, None)
+    req = BatchSpawnRequest(domain=domain_name, supervisor=None if supervisor_name == "-" else supervisor_name,
+                            agents=[BatchAgent(name=f"{name_prefix}-{i}", resources=each) for i in range(1, count + 1)],
+                            all_or_nothing=not best_effort, request_id=request_id)
+    r = _run(ctx, lambda tc: tc.batch_spawn(req))
+
+    def human() -> str:
+        lines = [f"domain {r.domain}, supervisor {r.supervisor}: {r.spawned} spawned, {r.refused} refused"]
+        lines += [f"  {o.name}: {o.error.code}: {o.error.message}" for o in r.agents if o.error is not None]
+        return "\n".join(lines)
+
+    _emit(ctx, r, human)
+    if r.refused:
+        sys.exit(EXIT_REFUSED)
 
 
 @agent.command("usage")

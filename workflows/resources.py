@@ -201,6 +201,10 @@ class ReclaimResourcesWorkflow:
                                                       level=Level.MANAGER.value if req.domain else "orchestrator"))
         target = LevelRef.manager(req.domain) if req.domain else LevelRef.orchestrator()
         view = await steps.describe_level(target)
+        if not req.resources.fits_in(view.pool.capacity):
+            raise to_application_error(InvalidRequest(
+                f"{target.describe()} cannot want {req.resources.human()} free: its capacity is "
+                f"{view.pool.capacity.human()}", level=target.level.value, entity=target.entity_id))
         result = ReclaimResult(target=target.entity_id, wanted=req.resources, satisfied=False, free=view.pool.free)
         if req.resources.fits_in(view.pool.free):
             result.satisfied = True
