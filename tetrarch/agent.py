@@ -8,15 +8,27 @@ beyond start and stop grow from this state.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tetrarch.errors import Conflict
+from tetrarch.images import ImageManifest
 from tetrarch.models import AgentStatus, Health, LevelSummary
 from tetrarch.names import Level, agent_id
 from tetrarch.resources import Resources
 
 _TERMINAL = (AgentStatus.STOPPED, AgentStatus.FAILED)
+
+
+class AgentImage(BaseModel):
+    """The signed image an agent runs, as its supervisor verified it at spawn."""
+
+    ref: str = Field(description="name@version")
+    path: str = Field(description="Where the image was loaded from (re-verified against ``digest`` per task).")
+    digest: str
+    signer: str
+    manifest: ImageManifest
 
 
 class AgentSpec(BaseModel):
@@ -29,6 +41,8 @@ class AgentSpec(BaseModel):
     image: str | None = Field(default=None, description="Agent image reference, once images exist.")
     labels: dict[str, str] = Field(default_factory=dict)
     request_id: str = Field(default="", description="The spawn that made it (its counts are released by it).")
+    image_info: AgentImage | None = Field(default=None, description="The verified image it runs (None: no code).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its image parameters, defaults applied.")
 
 
 class StopAgent(BaseModel):
@@ -51,6 +65,36 @@ class Throttle(BaseModel):
     reason: str = ""
 
 
+class TaskInput(BaseModel):
+    """One task for an agent (the seed's ``executeTask``): an intent of its image and its input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(default="", description="Idempotency key: a repeated task returns its first result.")
+    intent: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="Wall-clock limit of one attempt.")
+    retries: int = Field(default=0, ge=0, le=10, description=(
+        "Attempts after a failed one (error or crash), with exponential backoff; a task stopped by its "
+        "memory or CPU limit is not retried: it would be again."))
+
+
+class TaskResult(BaseModel):
+    """How a task ended: its output, or why it failed, with what it used."""
+
+    request_id: str
+    intent: str
+    ok: bool
+    reason: str = Field(description="ok, error, memory_limit, cpu_limit, timeout, crashed or bad_output.")
+    output: Any = None
+    error: str | None = None
+    attempts: int = 1
+    cpu_seconds: float = 0.0
+    max_rss_mib: float = 0.0
+    wall_seconds: float = 0.0
+    limits: dict[str, float] = Field(default_factory=dict, description="The limits it ran under.")
+
+
 class AgentState(BaseModel):
     """Everything an agent entity knows; carried whole across continue-as-new."""
 
@@ -60,6 +104,9 @@ class AgentState(BaseModel):
     report_seq: int = 0
     tasks_completed: int = 0
     used: Resources | None = Field(default=None, description="Its last measured use.")
+    memory: dict[str, Any] = Field(default_factory=dict, description="Its working state, as its tasks left it.")
+    tasks_failed: int = 0
+    last_task: TaskResult | None = None
     throttled: bool = Field(default=False, description="Held back by its supervisor for using more than allocated.")
     started_at: datetime
     updated_at: datetime

@@ -111,7 +111,9 @@ ERROR_TYPES: dict[str, type[TetrarchError]] = {
 
 def error_from_info(info: ErrorInfo) -> TetrarchError:
     """Rebuild the typed error from its serialised form (used by clients)."""
-    cls = ERROR_TYPES.get(info.code, TetrarchError)
+    from tetrarch.images import IMAGE_ERROR_TYPES  # images import this module: look them up late
+
+    cls = ERROR_TYPES.get(info.code) or IMAGE_ERROR_TYPES.get(info.code, TetrarchError)
     err = cls(info.message, level=info.level, entity=info.entity, problems=info.problems, data=info.data)
     err.code = info.code
     return err

@@ -592,8 +592,9 @@ def parse_manifest(data: Any, image: str = "<manifest>") -> ImageManifest:
         problems += [f"{_loc_path(err['loc'])}: {err['msg']}" for err in e.errors()]
     problems += reference_problems(data)
     if problems or manifest is None:
-        raise ImageBadManifest(f"image {image}: {MANIFEST_FILE} is invalid ({len(problems)} problem(s)): "
-                               + "; ".join(problems), problems=problems, data={"image": image})
+        first = problems[0] if len(problems) == 1 else f"{problems[0]} (and {len(problems) - 1} more)"
+        raise ImageBadManifest(f"image {image}: {MANIFEST_FILE} is invalid ({len(problems)} problem(s)): {first}",
+                               problems=problems, data={"image": image})
     return manifest
 
 
@@ -825,7 +826,7 @@ def pack_image(root: str | Path, archive: str | Path) -> Path:
     signature = src / SIGNATURE_FILE
     if signature.is_file() and not signature.is_symlink():
         files = sorted([*files, (SIGNATURE_FILE, signature)])
-    with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+    with out.open("wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rel, path in files:
             info = tarfile.TarInfo(rel)

@@ -54,6 +54,7 @@ from tetrarch.resource_ops import AllocateRequest, BalanceRequest, ReclaimReques
 from tetrarch.resources import Resources
 from tetrarch_cli import render
 from tetrarch_cli.client import TetrarchClient
+from tetrarch_cli.image_cli import image
 from tetrarch_cli.schemas import export_schemas, file_name
 from tetrarch_cli.server import ServerConfig, ServerError, ensure_search_attributes, free_port, start_server
 from worker.connect import DEFAULT_ADDRESS, connect
@@ -1011,6 +1012,9 @@ def schema(ctx: Ctx, out: Path | None) -> None:
     index = [{"kind": e["kind"], "name": e["name"], "on": e["on"], "file": file_name(e)} for e in entries]
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     _emit(ctx, index, lambda: f"wrote {len(entries)} schemas to {out}")
+
+
+cli.add_command(image)
 
 
 def main(args: list[str] | None = None) -> None:
