@@ -11,14 +11,27 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
-from activities.calls import query, raise_translated, update
-from tetrarch.agent import AgentLookup, AgentState, StopAgent, Throttle
-from tetrarch.calls import DiscardAgentCall, StartAgents, StartedAgent, StartedAgents, StopAgentCall, ThrottleCall
-from tetrarch.errors import ErrorInfo
+from activities.calls import domain_error, query, raise_translated, update
+from runtime.sandbox import TaskRequest, run_task
+from tetrarch.agent import AgentLookup, AgentState, StopAgent, TaskResult, Throttle
+from tetrarch.calls import (
+    DiscardAgentCall,
+    RunTask,
+    StartAgents,
+    StartedAgent,
+    StartedAgents,
+    StopAgentCall,
+    ThrottleCall,
+)
+from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
+from tetrarch.images import ImageTampered, open_verified
+from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.operations import AgentInput
+from tetrarch.tasks import task_limits
 from workflows.agent import AgentWorkflow
 from workflows.common import AGENT_STATUS_KEY, DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
+from workflows.levels import ManagementEntity
 
 
 class AgentActivities:
@@ -62,6 +75,36 @@ class AgentActivities:
                 return StartedAgent(name=inp.agent_state.spec.name, error=info)
 
         return StartedAgents(agents=list(await asyncio.gather(*(one(i) for i in call.inputs))))
+
+    @activity.defn
+    async def run_task(self, call: RunTask) -> TaskResult:
+        """One attempt of a task: re-verify the agent's image (same digest, same signer), read the agent's
+        live allocation from its supervisor, and run the entrypoint in a child process under it."""
+        img = call.image
+        sup = LevelRef.supervisor(call.target.domain or "", call.supervisor)
+        found = await query(self.client, sup, ManagementEntity.child, ChildLookup,
+                            arg=ChildRef(name=call.target.name or ""))
+        if found.child is None:
+            raise domain_error(NotFound(f"supervisor {sup.domain}/{call.supervisor} no longer holds this agent",
+                                        level="supervisor", entity=sup.entity_id))
+        limits = task_limits(found.child.resources, call.task.timeout_seconds)
+        try:
+            with open_verified(img.path, frozenset({img.signer})) as verified:
+                if verified.digest != img.digest:
+                    raise ImageTampered(f"image {img.ref} at {img.path} changed since the agent was spawned "
+                                        f"(digest {verified.digest[:12]}, expected {img.digest[:12]})",
+                                        level="agent", entity=call.target.entity_id)
+                outcome = await run_task(TaskRequest(
+                    image_root=str(verified.path), entrypoint=verified.manifest.entrypoint, intent=call.task.intent,
+                    input=call.task.input, params=call.params, state=call.memory, limits=limits))
+        except TetrarchError as e:
+            raise domain_error(e) from None
+        return TaskResult(request_id=call.task.request_id, intent=call.task.intent, ok=outcome.ok,
+                          reason=outcome.reason, output=outcome.output, error=outcome.error,
+                          memory=outcome.state, cpu_seconds=outcome.usage.cpu_seconds,
+                          max_rss_mib=outcome.usage.max_rss_mib, wall_seconds=outcome.usage.wall_seconds,
+                          limits={"memory_mib": limits.memory_mib, "cpu_seconds": limits.cpu_seconds,
+                                  "wall_seconds": limits.wall_seconds})
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

@@ -21,7 +21,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.calls import domain_error, query, update
-from tetrarch.agent import AgentState
+from tetrarch.agent import AgentImage, AgentState
 from tetrarch.bootstrap import CurrentHierarchy
 from tetrarch.calls import (
     AdmitCall,
@@ -30,6 +30,7 @@ from tetrarch.calls import (
     ChildQuery,
     ConfigureCall,
     JudgeCall,
+    LoadImage,
     PlacementQuery,
     QuotaMarkCall,
     ReadHierarchy,
@@ -45,8 +46,10 @@ from tetrarch.calls import (
     StartQuotaWatch,
     TransferCall,
 )
-from tetrarch.decisions import ChainLink, Verdict
-from tetrarch.errors import CapacityExceeded, Conflict, NotFound
+from tetrarch.decisions import ChainLink, PolicyCheck, Verdict, effective, evaluate
+from tetrarch.errors import CapacityExceeded, Conflict, NotFound, PolicyDenied, TetrarchError
+from tetrarch.image_store import resolve_image
+from tetrarch.images import verify_image
 from tetrarch.level import (
     AdmitResult,
     ChildLookup,
@@ -256,6 +259,29 @@ class LevelActivities:
                 level=Level.ORCHESTRATOR.value, entity=chain[0].entity_id,
                 problems=[f"{k}: {v}" for k, v in short.items()]))
         return AllocationCheck(supervisor=supervisor, above=links)
+
+    @activity.defn
+    async def load_image(self, call: LoadImage) -> AgentImage:
+        """Find the image, verify its signature against the signers the three levels' policies trust,
+        and judge it by their image rules; the supervisor's step of a spawn (and of an upgrade)."""
+        chain = [LevelRef.orchestrator(), LevelRef.manager(call.domain), LevelRef.supervisor(call.domain,
+                                                                                           call.supervisor)]
+        links = list(await asyncio.gather(*(query(self.client, t, ManagementEntity.link, ChainLink) for t in chain)))
+        trusted = effective(links).trusted_signers
+        try:
+            path = resolve_image(call.image)
+            verified = await asyncio.to_thread(verify_image, path, trusted)
+        except TetrarchError as e:
+            e.level = Level.SUPERVISOR.value
+            e.entity = chain[2].entity_id
+            raise domain_error(e) from None
+        decision = evaluate(PolicyCheck(operation=call.operation, domain=call.domain, supervisor=call.supervisor,
+                                        agent=call.agent, image=verified.policy_ref()), links)
+        if not decision.allowed:
+            raise domain_error(PolicyDenied(decision.reason, level=decision.level, entity=decision.entity,
+                                            data={"rule": decision.rule}))
+        return AgentImage(ref=str(verified.ref), path=str(path.resolve()), digest=verified.digest,
+                          signer=verified.signer, manifest=verified.manifest)
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

@@ -88,6 +88,7 @@ class TaskResult(BaseModel):
     reason: str = Field(description="ok, error, memory_limit, cpu_limit, timeout, crashed or bad_output.")
     output: Any = None
     error: str | None = None
+    memory: dict[str, Any] | None = Field(default=None, description="The agent's new working state, if any.")
     attempts: int = 1
     cpu_seconds: float = 0.0
     max_rss_mib: float = 0.0

@@ -6,9 +6,11 @@ one of these models, naming the entity by :class:`LevelRef` and carrying the ent
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Any
 
-from tetrarch.agent import AgentState, StopAgent
+from pydantic import BaseModel, Field
+
+from tetrarch.agent import AgentImage, AgentState, StopAgent, TaskInput
 from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import ErrorInfo
 from tetrarch.level import (
@@ -29,6 +31,7 @@ from tetrarch.level import (
 )
 from tetrarch.models import LevelRef
 from tetrarch.operations import AgentInput
+from tetrarch.policy import OperationType
 from tetrarch.resource_ops import QuotaWatch
 from tetrarch.resources import Resources
 
@@ -212,3 +215,24 @@ class StartedAgents(BaseModel):
     """One outcome per agent, in order."""
 
     agents: list[StartedAgent]
+
+
+class LoadImage(BaseModel):
+    """Load and verify the image an agent is to run, against the policies of its three levels."""
+
+    domain: str
+    supervisor: str
+    agent: str
+    image: str = Field(description="A reference (name@version, name) or a path in the image store.")
+    operation: OperationType = OperationType.SPAWN
+
+
+class RunTask(BaseModel):
+    """Run one attempt of a task of the agent ``target`` on its image, under its allocation's limits."""
+
+    target: LevelRef
+    supervisor: str
+    image: AgentImage
+    task: TaskInput
+    params: dict[str, Any] = Field(default_factory=dict)
+    memory: dict[str, Any] = Field(default_factory=dict, description="The agent's working state.")

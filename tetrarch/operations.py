@@ -7,6 +7,8 @@ start any operation with plain JSON. New fields always get defaults so old histo
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tetrarch.agent import AgentState
@@ -100,6 +102,7 @@ class SpawnAgentRequest(_Request):
     priority: int = Field(default=0, description="Preemption takes lower priorities first.")
     placement: PlacementStrategy | None = Field(
         default=None, description="Overrides the domain's placement strategy when no supervisor is named.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Image parameters (the image's defaults apply).")
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 

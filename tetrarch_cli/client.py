@@ -14,12 +14,18 @@ import uuid
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowQueryRejectedError
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryRejectedError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from tetrarch.agent import AgentState, UsageReport
+from tetrarch.agent import AgentState, TaskInput, TaskResult, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import Decision, PolicyCheck, Verdict
 from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
@@ -252,6 +258,28 @@ class TetrarchClient:
                 raise NotFound(f"{target.describe()} does not exist (no running {target.entity_id})",
                                level="client", entity=target.entity_id) from None
             raise
+
+    async def execute_task(self, domain: str, agent: str, task: TaskInput) -> TaskResult:
+        """Run a task on an agent (an Update on it: the result comes back when the task has run).
+
+        A task refused before running (unknown intent, input not matching the intent's schema, an agent
+        that runs no image) raises the typed error; a task that ran and failed returns ``ok=False``.
+        """
+        target = LevelRef.agent(domain, agent)
+        await self._query(target, AgentWorkflow.describe, AgentState)  # NotFound if it is not running
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        rid = task.request_id or uuid.uuid4().hex[:12]
+        try:
+            result: TaskResult = await handle.execute_update(
+                AgentWorkflow.execute_task, task.model_copy(update={"request_id": rid}), id=f"task/{rid}")
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            if isinstance(cause, ApplicationError) and cause.details:
+                detail = cause.details[0]
+                raise error_from_info(detail if isinstance(detail, ErrorInfo)
+                                      else ErrorInfo.model_validate(detail)) from None
+            raise
+        return result
 
     # -- resources ----------------------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ from worker.registry import WORKFLOWS_BY_LEVEL, activities_for
 
 #: Modules the workflow sandbox passes through instead of re-importing per workflow run: they are
 #: deterministic (pure logic and models), and re-importing them per run costs CPU for nothing.
-PASSTHROUGH_MODULES = ("tetrarch", "pydantic", "pydantic_core", "annotated_types", "yaml")
+PASSTHROUGH_MODULES = ("tetrarch", "pydantic", "pydantic_core", "annotated_types", "yaml", "runtime",
+                       "jsonschema", "jsonschema_specifications", "referencing", "rpds", "attrs", "attr",
+                       "cryptography")
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

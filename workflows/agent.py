@@ -7,19 +7,45 @@ once the agent has stopped; the workflow then completes with its final state.
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.agent import AgentState, StopAgent, Throttle, UsageReport
-    from tetrarch.errors import TetrarchError
-    from tetrarch.models import AgentStatus, LevelSummary
-    from tetrarch.names import supervisor_id
+    from tetrarch.agent import AgentState, StopAgent, TaskInput, TaskResult, Throttle, UsageReport
+    from tetrarch.calls import RunTask
+    from tetrarch.errors import Conflict, InvalidRequest, TetrarchError
+    from tetrarch.images import validate_intent_input
+    from tetrarch.models import AgentStatus, LevelRef, LevelSummary
+    from tetrarch.names import Level, supervisor_id
     from tetrarch.operations import AgentInput
+    from tetrarch.resources import Resources
 
-from workflows.common import AGENT_STATUS_KEY, DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, to_application_error
+from workflows.common import (
+    AGENT_STATUS_KEY,
+    DOMAIN_KEY,
+    ENTITY_CALL_RETRY,
+    LEVEL_KEY,
+    SUPERVISOR_KEY,
+    queues,
+    to_application_error,
+)
 from workflows.levels import EntityLoop
+
+
+async def _run_task(call: RunTask) -> TaskResult:
+    """One attempt, on the agent level's workers (by name: the activity module imports this one)."""
+    result: TaskResult = await workflow.execute_activity(
+        "run_task", call, result_type=TaskResult, task_queue=queues().for_level(Level.AGENT),
+        start_to_close_timeout=timedelta(seconds=call.task.timeout_seconds + 60), retry_policy=ENTITY_CALL_RETRY)
+    return result
+
+
+#: Task failures worth another attempt (a limit would only be hit again).
+_RETRIED = ("error", "crashed")
 
 
 @workflow.defn(name="Agent", failure_exception_types=[pydantic.ValidationError])
@@ -101,6 +127,63 @@ class AgentWorkflow(EntityLoop):
         self.state.updated_at = workflow.now()
         self._touch()
         return self.state
+
+    @workflow.update
+    async def execute_task(self, task: TaskInput) -> TaskResult:
+        """Run a task of this agent's image (``executeTask``) in a child process under its allocation.
+
+        A failed attempt (an error or a crash) is retried ``task.retries`` times with backoff; a task
+        stopped by its memory or CPU limit is reported at once. Either way the agent keeps running, and
+        what the task used is reported to the supervisor (which applies quotas).
+        """
+        image = self.state.spec.image_info
+        assert image is not None  # the validator refused otherwise
+        call = RunTask(target=LevelRef.agent(self.state.spec.domain, self.state.spec.name),
+                       supervisor=self.state.spec.supervisor, image=image, task=task, params=self.state.spec.params,
+                       memory=self.state.memory)
+        attempt = 0
+        while True:
+            attempt += 1
+            result = await _run_task(call.model_copy(update={"memory": self.state.memory}))
+            if result.ok or result.reason not in _RETRIED or attempt > task.retries:
+                break
+            await workflow.sleep(timedelta(seconds=min(30.0, 0.5 * 2 ** (attempt - 1))))
+        result.attempts = attempt
+        self._record(result)
+        return result
+
+    @execute_task.validator
+    def _validate_execute_task(self, task: TaskInput) -> None:
+        """Refused before anything runs: a stopped agent, an agent without an image, an unknown intent,
+        an input that does not match the intent's schema (the schema's own error is given)."""
+        if self.state.status is not AgentStatus.RUNNING:
+            raise to_application_error(Conflict(
+                f"{self.state.entity_id} is {self.state.status.value}; it runs no tasks",
+                level="agent", entity=self.state.entity_id))
+        image = self.state.spec.image_info
+        if image is None:
+            raise to_application_error(InvalidRequest(f"{self.state.entity_id} runs no image; it has no tasks to run",
+                                                      level="agent", entity=self.state.entity_id))
+        try:
+            validate_intent_input(image.manifest, task.intent, task.input)
+        except TetrarchError as e:
+            e.entity = self.state.entity_id
+            raise to_application_error(e) from None
+
+    def _record(self, result: TaskResult) -> None:
+        """Count the task, keep the state it left, and report what it used (CPU as cores over its run)."""
+        st = self.state
+        if result.ok:
+            st.tasks_completed += 1
+            if result.memory is not None:
+                st.memory = result.memory
+        else:
+            st.tasks_failed += 1
+        cores = result.cpu_seconds / result.wall_seconds if result.wall_seconds > 0 else 0.0
+        st.used = Resources(cpu_millis=round(cores * 1000), memory_mib=math.ceil(result.max_rss_mib))
+        st.last_task = result
+        st.updated_at = workflow.now()
+        self._touch()
 
     @workflow.query
     def describe(self) -> AgentState:

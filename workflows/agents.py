@@ -11,15 +11,18 @@ added as further steps of the same saga.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.agent import AgentSpec, AgentState, StopAgent
+    from tetrarch.agent import AgentImage, AgentSpec, AgentState, StopAgent
+    from tetrarch.calls import LoadImage
     from tetrarch.decisions import PolicyCheck
-    from tetrarch.errors import Conflict, NotFound, PolicyDenied
+    from tetrarch.errors import Conflict, InvalidRequest, NotFound, PolicyDenied, TetrarchError
+    from tetrarch.images import resolve_parameters
     from tetrarch.level import AdmitAgents, RegisterChild, RegisterResult, ReleaseAgents
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
@@ -87,7 +90,12 @@ class SpawnAgentWorkflow:
         key = f"{req.domain}/{req.name}"
         saga = Saga()
         try:
-            resources = req.resources or await self._default_resources(supervisor)
+            image = None
+            if req.image and req.resources is None:  # its default resources come from the image
+                image = await steps.load_image(LoadImage(domain=req.domain, supervisor=sup_name, agent=req.name,
+                                                         image=req.image))
+            resources = req.resources or (image.manifest.default_resources if image is not None else None) \
+                or await self._default_resources(supervisor)
             check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=sup_name,
                                 agent=req.name, resources=resources)
             admit = AdmitAgents(request_id=rid, agents=[key], check=check)
@@ -99,24 +107,31 @@ class SpawnAgentWorkflow:
                          lambda t=level: steps.release_agents(t, count_out))  # type: ignore[misc]
             saga.add(f"release {req.name}",
                      lambda: steps.unregister_child(supervisor, req.name, f"{rid}/undo", owner=rid))
-            outcomes = await asyncio.gather(
+            steps_at_once = [
                 steps.admit_agents(orchestrator, admit), steps.admit_agents(manager, admit),
                 steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name, resources=resources,
-                                                               check=check, escalate=True, priority=req.priority)),
-                return_exceptions=True)
+                                                               check=check, escalate=True, priority=req.priority))]
+            if req.image and image is None:  # the supervisor verifies the image while the levels admit
+                steps_at_once.append(steps.load_image(LoadImage(domain=req.domain, supervisor=sup_name,
+                                                                agent=req.name, image=req.image)))
+            outcomes = await asyncio.gather(*steps_at_once, return_exceptions=True)
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed:
                 raise first_by_precedence(failed)
             reg = outcomes[2]
             assert isinstance(reg, RegisterResult)
+            if len(outcomes) > 3:
+                assert isinstance(outcomes[3], AgentImage)
+                image = outcomes[3]
+            params = self._params(image, req)
             if reg.grant is not None and reg.grant.request_id == rid:
                 # What the supervisor could not pay is borrowed from the domain, then the global pool.
                 await escalate(saga, rid, reg.grant.key, req.domain, sup_name, reg.grant.borrowed, None,
                                req.priority, spawn=True)
             now = workflow.now()
             spec = AgentSpec(domain=req.domain, supervisor=sup_name, name=req.name,
-                             resources=reg.child.resources, image=req.image, labels=req.labels,
-                             request_id=rid if reg.created else "")
+                             resources=resources, image=image.ref if image is not None else req.image,
+                             labels=req.labels, request_id=rid if reg.created else "", image_info=image, params=params)
             target = LevelRef.agent(req.domain, req.name)
             saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
@@ -130,6 +145,18 @@ class SpawnAgentWorkflow:
         except BaseException as e:
             await saga.compensate()
             reraise(e)
+
+    @staticmethod
+    def _params(image: AgentImage | None, req: SpawnAgentRequest) -> dict[str, Any]:
+        """The agent's image parameters: the image's defaults with the request's overrides (refused if invalid)."""
+        if image is None:
+            if req.params:
+                raise to_application_error(InvalidRequest("parameters are given but no image", level="supervisor"))
+            return {}
+        try:
+            return resolve_parameters(image.manifest, req.params)
+        except TetrarchError as e:
+            raise to_application_error(e) from None
 
     @staticmethod
     async def _place(req: SpawnAgentRequest) -> str:

@@ -13,7 +13,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.agents import AgentActivities
     from activities.levels import LevelActivities
-    from tetrarch.agent import AgentLookup, AgentState, StopAgent
+    from tetrarch.agent import AgentImage, AgentLookup, AgentState, StopAgent
     from tetrarch.bootstrap import CurrentHierarchy
     from tetrarch.calls import (
         AdmitCall,
@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         ConfigureCall,
         DiscardAgentCall,
         JudgeCall,
+        LoadImage,
         PlacementQuery,
         QuotaMarkCall,
         ReadHierarchy,
@@ -312,3 +313,10 @@ async def start_agents(inputs: list[AgentInput]) -> StartedAgents:
     """Start (or find) many agent entities in one activity."""
     result: StartedAgents = await _run(AgentActivities.start_agents, StartAgents(inputs=inputs), Level.AGENT)
     return result
+
+
+async def load_image(req: LoadImage) -> AgentImage:
+    """The supervisor loads and verifies an agent's image against its levels' policies."""
+    result: AgentImage = await _run(LevelActivities.load_image, req, Level.SUPERVISOR)
+    return result
+
