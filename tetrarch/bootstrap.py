@@ -36,6 +36,7 @@ class SupervisorEntry(_Strict):
     policy: Policy = Field(default_factory=Policy)
     agents: int = Field(default=0, ge=0, description="Demo agents to spawn, named <supervisor>-agent-<n>.")
     agent_resources: Resources = Field(default_factory=lambda: DEFAULT_AGENT_RESOURCES)
+    agent_image: str | None = Field(default=None, description="The signed image the demo agents run.")
 
 
 class DomainEntry(_Strict):

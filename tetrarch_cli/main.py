@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from temporalio.client import WorkflowQueryFailedError
 from temporalio.service import RPCError
 
+from tetrarch.agent import TaskInput
 from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
 from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import NotFound, TetrarchError
@@ -610,18 +611,22 @@ def agent() -> None:
 @click.option("--priority", type=int, default=0, show_default=True, help="Preemption takes lower priorities first.")
 @click.option("--placement", type=click.Choice([p.value for p in PlacementStrategy]), default=None,
               help="With SUPERVISOR '-': how the domain places it (default: the domain policy's, else spread).")
+@click.option("--image", default=None, help="The signed image it runs: name[@version] in the image store, or a path.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="An image parameter (JSON value).")
 @click.option("--request-id", default="")
 @json_option
 @click.pass_obj
 def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu: str | None,
-                memory: str | None, gpu: int | None, priority: int, placement: str | None, request_id: str) -> None:
+                memory: str | None, gpu: int | None, priority: int, placement: str | None, image: str | None,
+                params: tuple[str, ...], request_id: str) -> None:
     """Spawn agent NAME under SUPERVISOR of DOMAIN (default 1 CPU / 1Gi); SUPERVISOR '-' lets the domain place it.
 
     What the supervisor's pool cannot pay is borrowed from the domain's pool, then the global pool.
     """
     req = SpawnAgentRequest(domain=domain_name, supervisor=None if supervisor_name == "-" else supervisor_name,
                             name=name, resources=_resources(cpu, memory, gpu, None), request_id=request_id,
-                            priority=priority, placement=PlacementStrategy(placement) if placement else None)
+                            priority=priority, placement=PlacementStrategy(placement) if placement else None,
+                            image=image, params=_params(params))
     r = _run(ctx, lambda tc: tc.spawn_agent(req))
     borrowed = f", {r.borrowed.human()} borrowed from above" if r.borrowed and not r.borrowed.is_zero() else ""
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'} "
@@ -655,6 +660,54 @@ def agent_batch(ctx: Ctx, domain_name: str, supervisor_name: str, count: int, cp
     _emit(ctx, r, human)
     if r.refused:
         sys.exit(EXIT_REFUSED)
+
+
+@agent.command("task")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.argument("intent")
+@click.option("--input", "input_json", default="{}", show_default=True, help="The task's input, a JSON object.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Wall-clock seconds per attempt.")
+@click.option("--retries", type=click.IntRange(0, 10), default=0, show_default=True,
+              help="Further attempts after an error or a crash.")
+@click.option("--request-id", default="")
+@json_option
+@click.pass_obj
+def agent_task(ctx: Ctx, domain_name: str, name: str, intent: str, input_json: str, timeout: float, retries: int,
+               request_id: str) -> None:
+    """Run INTENT on agent NAME of DOMAIN and print its output (exit 1 if the task failed or was refused)."""
+    try:
+        data = json.loads(input_json)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--input") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--input")
+    task = TaskInput(request_id=request_id, intent=intent, input=data, timeout_seconds=timeout, retries=retries)
+    r = _run(ctx, lambda tc: tc.execute_task(domain_name, name, task))
+
+    def human() -> str:
+        used = f"{r.cpu_seconds:.2f} s CPU, {r.max_rss_mib:.0f} MiB peak, {r.wall_seconds:.2f} s"
+        if r.ok:
+            return json.dumps(r.output, indent=2) + f"\n({used}, attempt {r.attempts})"
+        return f"task failed ({r.reason}) after {r.attempts} attempt(s): {r.error}\n({used})"
+
+    _emit(ctx, r, human)
+    if not r.ok:
+        sys.exit(EXIT_REFUSED)
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs, each value JSON (or else a plain string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 @agent.command("usage")

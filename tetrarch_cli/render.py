@@ -92,7 +92,8 @@ def agent_state(st: AgentState) -> str:
         f"  supervisor {s.domain}/{s.supervisor}",
         f"  status     {st.status.value}{f' ({st.status_reason})' if st.status_reason else ''}",
         f"  spawned    with {s.resources.human()} (all it holds: tetrarch resources show {s.domain} {s.name})",
-        f"  image      {s.image or '-'}",
+        f"  image      {s.image or '-'}" + (f" (signed by {s.image_info.signer[:16]}...)" if s.image_info else ""),
+        *([f"  tasks      {st.tasks_completed} done, {st.tasks_failed} failed"] if s.image_info else []),
         *([f"  uses       {st.used.human()}" + (" (throttled)" if st.throttled else "")] if st.used else []),
         f"  started    {st.started_at.isoformat(timespec='seconds')}",
     ])

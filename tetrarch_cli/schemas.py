@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from tetrarch.agent import AgentState, StopAgent, Throttle, UsageReport
+from tetrarch.agent import AgentState, StopAgent, TaskInput, TaskResult, Throttle, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import ChainLink, PolicyCheck, Verdict
 from tetrarch.level import (
@@ -172,6 +172,8 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("update", "report_usage", "Agent", UsageReport, AgentState,
              "What the runtime measured the agent using; its supervisor checks it against the allocation."),
     ApiEntry("update", "throttle", "Agent", Throttle, AgentState, "Throttle the agent (quota enforcement)."),
+    ApiEntry("update", "execute_task", "Agent", TaskInput, TaskResult,
+             "Run a task of the agent's image in a child process under its allocation (executeTask)."),
 )
 
 

@@ -81,7 +81,8 @@ class ApplyHierarchyWorkflow:
         agents = await gather_all(*(workflow.execute_child_workflow(
             SpawnAgentWorkflow.run,
             SpawnAgentRequest(domain=d.name, supervisor=s.name, name=f"{s.name}-agent-{i}",
-                              resources=s.agent_resources, request_id=f"{wf_id}/{d.name}/{s.name}/{i}"),
+                              resources=s.agent_resources, image=s.agent_image,
+                              request_id=f"{wf_id}/{d.name}/{s.name}/{i}"),
             id=f"{wf_id}/agent/{d.name}/{s.name}-agent-{i}", task_queue=queues().supervisor)
             for s in d.supervisors for i in range(1, s.agents + 1)))
         created += [f"agent {d.name}/{r.agent.name}" for r in agents if r.created]
