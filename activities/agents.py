@@ -13,14 +13,16 @@ from temporalio.service import RPCError
 
 from activities.calls import domain_error, query, raise_translated, update
 from runtime.sandbox import TaskRequest, run_task
-from tetrarch.agent import AgentLookup, AgentState, StopAgent, TaskResult, Throttle
+from tetrarch.agent import AgentLookup, AgentState, Checkpoint, StopAgent, TaskResult, Throttle
 from tetrarch.calls import (
+    CheckpointCall,
     DiscardAgentCall,
     RunTask,
     StartAgents,
     StartedAgent,
     StartedAgents,
     StopAgentCall,
+    SwitchImageCall,
     ThrottleCall,
 )
 from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
@@ -105,6 +107,18 @@ class AgentActivities:
                           max_rss_mib=outcome.usage.max_rss_mib, wall_seconds=outcome.usage.wall_seconds,
                           limits={"memory_mib": limits.memory_mib, "cpu_seconds": limits.cpu_seconds,
                                   "wall_seconds": limits.wall_seconds})
+
+    @activity.defn
+    async def checkpoint_agent(self, call: CheckpointCall) -> Checkpoint:
+        """A checkpoint of a running agent."""
+        return await update(self.client, call.target, AgentWorkflow.checkpoint, call.request, Checkpoint,
+                            call.request.request_id)
+
+    @activity.defn
+    async def switch_agent_image(self, call: SwitchImageCall) -> AgentState:
+        """Switch a running agent to another verified image."""
+        return await update(self.client, call.target, AgentWorkflow.switch_image, call.request, AgentState,
+                            call.request.request_id)
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

@@ -96,6 +96,38 @@ class TaskResult(BaseModel):
     limits: dict[str, float] = Field(default_factory=dict, description="The limits it ran under.")
 
 
+class Checkpoint(BaseModel):
+    """What an agent is at one moment: enough to restore it, anywhere, later (even once it was stopped)."""
+
+    id: str
+    label: str = ""
+    taken_at: datetime
+    image: AgentImage | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    memory: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(description="Its spawn allocation (what a restored copy asks for).")
+    tasks_completed: int = 0
+
+
+class TakeCheckpoint(BaseModel):
+    """Ask an agent for a checkpoint of itself."""
+
+    request_id: str = ""
+    label: str = ""
+
+
+class SwitchImage(BaseModel):
+    """Run another (verified) image from now on: an upgrade, or a specialization of the same one."""
+
+    request_id: str = ""
+    image: AgentImage
+    params: dict[str, Any]
+
+
+#: Checkpoints an agent keeps (the oldest go first); the final one is always kept.
+MAX_CHECKPOINTS = 5
+
+
 class AgentState(BaseModel):
     """Everything an agent entity knows; carried whole across continue-as-new."""
 
@@ -108,6 +140,7 @@ class AgentState(BaseModel):
     memory: dict[str, Any] = Field(default_factory=dict, description="Its working state, as its tasks left it.")
     tasks_failed: int = 0
     last_task: TaskResult | None = None
+    checkpoints: list[Checkpoint] = Field(default_factory=list, description="Its latest checkpoints, oldest first.")
     throttled: bool = Field(default=False, description="Held back by its supervisor for using more than allocated.")
     started_at: datetime
     updated_at: datetime
@@ -141,8 +174,27 @@ class AgentState(BaseModel):
         self.updated_at = now
 
     def finish_stop(self, now: datetime) -> None:
-        """The agent has released what it ran and is stopped."""
+        """The agent has released what it ran and is stopped; its final checkpoint is kept."""
+        self.take_checkpoint(TakeCheckpoint(request_id="final", label="final"), now)
         self.status = AgentStatus.STOPPED
+        self.updated_at = now
+
+    def take_checkpoint(self, req: TakeCheckpoint, now: datetime) -> Checkpoint:
+        """A checkpoint of the agent as it is (idempotent on the request id)."""
+        cid = req.request_id or f"cp-{len(self.checkpoints) + 1}"
+        existing = next((c for c in self.checkpoints if c.id == cid), None)
+        if existing is not None:
+            return existing
+        cp = Checkpoint(id=cid, label=req.label, taken_at=now, image=self.spec.image_info, params=self.spec.params,
+                        memory=self.memory, resources=self.spec.resources, tasks_completed=self.tasks_completed)
+        self.checkpoints = [*self.checkpoints, cp][-MAX_CHECKPOINTS:]
+        self.updated_at = now
+        return cp
+
+    def switch_image(self, req: SwitchImage, now: datetime) -> None:
+        """Run ``req.image`` from now on (the caller verified and tried it first)."""
+        self.spec = self.spec.model_copy(update={"image_info": req.image, "image": req.image.ref,
+                                                 "params": req.params})
         self.updated_at = now
 
     def summary(self, now: datetime) -> LevelSummary:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tetrarch.agent import AgentImage, AgentState, StopAgent, TaskInput
+from tetrarch.agent import AgentImage, AgentState, StopAgent, SwitchImage, TakeCheckpoint, TaskInput
 from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import ErrorInfo
 from tetrarch.level import (
@@ -236,3 +236,17 @@ class RunTask(BaseModel):
     task: TaskInput
     params: dict[str, Any] = Field(default_factory=dict)
     memory: dict[str, Any] = Field(default_factory=dict, description="The agent's working state.")
+
+
+class CheckpointCall(BaseModel):
+    """Ask the agent ``target`` for a checkpoint."""
+
+    target: LevelRef
+    request: TakeCheckpoint
+
+
+class SwitchImageCall(BaseModel):
+    """Switch the agent ``target`` to another verified image."""
+
+    target: LevelRef
+    request: SwitchImage

@@ -15,7 +15,7 @@ from tetrarch.agent import AgentState
 from tetrarch.errors import ErrorInfo
 from tetrarch.level import LevelState
 from tetrarch.models import ChildView, LevelView
-from tetrarch.policy import PlacementStrategy, Policy
+from tetrarch.policy import OperationType, PlacementStrategy, Policy
 from tetrarch.resources import Resources
 
 
@@ -103,6 +103,12 @@ class SpawnAgentRequest(_Request):
     placement: PlacementStrategy | None = Field(
         default=None, description="Overrides the domain's placement strategy when no supervisor is named.")
     params: dict[str, Any] = Field(default_factory=dict, description="Image parameters (the image's defaults apply).")
+    memory: dict[str, Any] = Field(default_factory=dict, description="Initial working state (restore, clone, split).")
+    image_digest: str | None = Field(
+        default=None, description="The image must have exactly this digest (restore, clone: the very same code).")
+    operation: OperationType = Field(
+        default=OperationType.SPAWN, description="What the policies judge: spawn, or the lifecycle operation "
+                                                 "this spawn is part of (clone, restore, split, merge).")
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 

@@ -25,11 +25,19 @@ from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy, Wo
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from tetrarch.agent import AgentState, TaskInput, TaskResult, UsageReport
+from tetrarch.agent import AgentState, Checkpoint, TaskInput, TaskResult, UsageReport
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import Decision, PolicyCheck, Verdict
 from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError, error_from_info
 from tetrarch.level import ChildLookup, ChildRef
+from tetrarch.lifecycle_ops import (
+    CheckpointRequest,
+    CloneRequest,
+    LifecycleResult,
+    RestoreRequest,
+    SpecializeRequest,
+    UpgradeRequest,
+)
 from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
 from tetrarch.names import Level, TaskQueues, agent_id
 from tetrarch.operations import (
@@ -74,6 +82,13 @@ from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagementEntity
+from workflows.lifecycle import (
+    CheckpointAgentWorkflow,
+    CloneAgentWorkflow,
+    RestoreAgentWorkflow,
+    SpecializeAgentWorkflow,
+    UpgradeAgentWorkflow,
+)
 from workflows.policies import SetPolicyWorkflow
 from workflows.resources import (
     AllocateResourcesWorkflow,
@@ -212,6 +227,31 @@ class TetrarchClient:
         """Spawn N agents under one supervisor in one validation pass (all or nothing, or best effort)."""
         return await self._execute(BatchSpawnAgentsWorkflow.run, req, Level.SUPERVISOR, "batch-spawn",
                                    req.domain, BatchSpawnResult)
+
+    async def checkpoint_agent(self, req: CheckpointRequest) -> Checkpoint:
+        """Checkpoint a running agent (its image, parameters and working state)."""
+        return await self._execute(CheckpointAgentWorkflow.run, req, Level.SUPERVISOR, "checkpoint",
+                                   f"{req.domain}/{req.name}", Checkpoint)
+
+    async def restore_agent(self, req: RestoreRequest) -> LifecycleResult:
+        """Start an agent from a checkpoint (of itself once stopped, or of another agent)."""
+        return await self._execute(RestoreAgentWorkflow.run, req, Level.SUPERVISOR, "restore",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def clone_agent(self, req: CloneRequest) -> LifecycleResult:
+        """A new agent with a copy of a running agent's state and image."""
+        return await self._execute(CloneAgentWorkflow.run, req, Level.SUPERVISOR, "clone",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def upgrade_agent(self, req: UpgradeRequest) -> LifecycleResult:
+        """Switch a running agent to a newer signed version of its image, tried first."""
+        return await self._execute(UpgradeAgentWorkflow.run, req, Level.SUPERVISOR, "upgrade",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def specialize_agent(self, req: SpecializeRequest) -> LifecycleResult:
+        """Narrow a running agent's intents and parameters within its image."""
+        return await self._execute(SpecializeAgentWorkflow.run, req, Level.SUPERVISOR, "specialize",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
 
     async def stop_agent(self, req: StopAgentRequest) -> RemovalResult:
         """Stop an agent cleanly and release its resources."""

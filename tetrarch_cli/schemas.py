@@ -11,7 +11,17 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from tetrarch.agent import AgentState, StopAgent, TaskInput, TaskResult, Throttle, UsageReport
+from tetrarch.agent import (
+    AgentState,
+    Checkpoint,
+    StopAgent,
+    SwitchImage,
+    TakeCheckpoint,
+    TaskInput,
+    TaskResult,
+    Throttle,
+    UsageReport,
+)
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.decisions import ChainLink, PolicyCheck, Verdict
 from tetrarch.level import (
@@ -38,6 +48,14 @@ from tetrarch.level import (
     SetPolicy,
     TransferCapacity,
     UnregisterResult,
+)
+from tetrarch.lifecycle_ops import (
+    CheckpointRequest,
+    CloneRequest,
+    LifecycleResult,
+    RestoreRequest,
+    SpecializeRequest,
+    UpgradeRequest,
 )
 from tetrarch.models import ChildView, LevelSummary, LevelView, PoolView
 from tetrarch.operations import (
@@ -114,6 +132,16 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Spawn an agent under a supervisor."),
     ApiEntry("workflow", "BatchSpawnAgents", "supervisor", BatchSpawnRequest, BatchSpawnResult,
              "Spawn N agents under one supervisor in one validation pass (all or nothing, or best effort)."),
+    ApiEntry("workflow", "CheckpointAgent", "supervisor", CheckpointRequest, Checkpoint,
+             "Checkpoint a running agent (image, parameters, working state)."),
+    ApiEntry("workflow", "RestoreAgent", "supervisor", RestoreRequest, LifecycleResult,
+             "Start an agent from a checkpoint, also of a stopped agent, also on another supervisor."),
+    ApiEntry("workflow", "CloneAgent", "supervisor", CloneRequest, LifecycleResult,
+             "A new agent with a copy of a running agent's state and image."),
+    ApiEntry("workflow", "UpgradeAgent", "supervisor", UpgradeRequest, LifecycleResult,
+             "Switch to a newer signed version, verified and tried first; else the old one keeps running."),
+    ApiEntry("workflow", "SpecializeAgent", "supervisor", SpecializeRequest, LifecycleResult,
+             "Narrow an agent's intents and parameters within its image (never wider)."),
     ApiEntry("workflow", "StopAgent", "supervisor", StopAgentRequest, RemovalResult,
              "Stop an agent cleanly and release its resources."),
     ApiEntry("workflow", "SetPolicy", "orchestrator, manager, supervisor", SetPolicyRequest,
@@ -172,6 +200,9 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("update", "report_usage", "Agent", UsageReport, AgentState,
              "What the runtime measured the agent using; its supervisor checks it against the allocation."),
     ApiEntry("update", "throttle", "Agent", Throttle, AgentState, "Throttle the agent (quota enforcement)."),
+    ApiEntry("update", "checkpoint", "Agent", TakeCheckpoint, Checkpoint, "A checkpoint of the agent as it is."),
+    ApiEntry("update", "switch_image", "Agent", SwitchImage, AgentState,
+             "Run another verified image (upgrade, specialize)."),
     ApiEntry("update", "execute_task", "Agent", TaskInput, TaskResult,
              "Run a task of the agent's image in a child process under its allocation (executeTask)."),
 )

@@ -16,6 +16,13 @@ from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
+from workflows.lifecycle import (
+    CheckpointAgentWorkflow,
+    CloneAgentWorkflow,
+    RestoreAgentWorkflow,
+    SpecializeAgentWorkflow,
+    UpgradeAgentWorkflow,
+)
 from workflows.policies import SetPolicyWorkflow
 from workflows.resources import (
     AllocateResourcesWorkflow,
@@ -39,7 +46,8 @@ WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
                     BalanceSupervisorLoadWorkflow, ReclaimResourcesWorkflow),
     Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow,
                        AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow,
-                       BatchSpawnAgentsWorkflow),
+                       BatchSpawnAgentsWorkflow, CheckpointAgentWorkflow, RestoreAgentWorkflow, CloneAgentWorkflow,
+                       UpgradeAgentWorkflow, SpecializeAgentWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 
@@ -54,7 +62,7 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
     if level is Level.AGENT:
         a = AgentActivities(client)
         return [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent,
-                a.run_task]
+                a.run_task, a.checkpoint_agent, a.switch_agent_image]
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,

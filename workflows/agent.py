@@ -15,7 +15,17 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.agent import AgentState, StopAgent, TaskInput, TaskResult, Throttle, UsageReport
+    from tetrarch.agent import (
+        AgentState,
+        Checkpoint,
+        StopAgent,
+        SwitchImage,
+        TakeCheckpoint,
+        TaskInput,
+        TaskResult,
+        Throttle,
+        UsageReport,
+    )
     from tetrarch.calls import RunTask
     from tetrarch.errors import Conflict, InvalidRequest, TetrarchError
     from tetrarch.images import validate_intent_input
@@ -171,7 +181,12 @@ class AgentWorkflow(EntityLoop):
             raise to_application_error(e) from None
 
     def _record(self, result: TaskResult) -> None:
-        """Count the task, keep the state it left, and report what it used (CPU as cores over its run)."""
+        """Count the task, keep the state it left, and report what it used.
+
+        CPU is reported as cores over the task's time window (its timeout): the allocation is a rate, and
+        the kernel held the task to cores x window of CPU time. (Cores over the few milliseconds a short
+        task runs would read as a whole core for any task, and flag every agent allocated less.)
+        """
         st = self.state
         if result.ok:
             st.tasks_completed += 1
@@ -179,11 +194,33 @@ class AgentWorkflow(EntityLoop):
                 st.memory = result.memory
         else:
             st.tasks_failed += 1
-        cores = result.cpu_seconds / result.wall_seconds if result.wall_seconds > 0 else 0.0
+        window = result.limits.get("wall_seconds") or result.wall_seconds
+        cores = result.cpu_seconds / window if window > 0 else 0.0
         st.used = Resources(cpu_millis=round(cores * 1000), memory_mib=math.ceil(result.max_rss_mib))
         st.last_task = result
         st.updated_at = workflow.now()
         self._touch()
+
+    @workflow.update
+    def checkpoint(self, req: TakeCheckpoint) -> Checkpoint:
+        """A checkpoint of this agent as it is now (its image, parameters, working state)."""
+        cp = self.state.take_checkpoint(req, workflow.now())
+        self._touch()
+        return cp
+
+    @workflow.update
+    def switch_image(self, req: SwitchImage) -> AgentState:
+        """Run another verified image from now on (an upgrade, or a narrower view of the same image)."""
+        self.state.switch_image(req, workflow.now())
+        self._touch()
+        return self.state
+
+    @switch_image.validator
+    def _validate_switch_image(self, req: SwitchImage) -> None:
+        if self.state.status is not AgentStatus.RUNNING:
+            raise to_application_error(Conflict(
+                f"{self.state.entity_id} is {self.state.status.value}; its image cannot change",
+                level="agent", entity=self.state.entity_id))
 
     @workflow.query
     def describe(self) -> AgentState:

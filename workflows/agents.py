@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.calls import LoadImage
     from tetrarch.decisions import PolicyCheck
     from tetrarch.errors import Conflict, InvalidRequest, NotFound, PolicyDenied, TetrarchError
-    from tetrarch.images import resolve_parameters
+    from tetrarch.images import ImageTampered, resolve_parameters
     from tetrarch.level import AdmitAgents, RegisterChild, RegisterResult, ReleaseAgents
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
@@ -96,7 +96,7 @@ class SpawnAgentWorkflow:
                                                          image=req.image))
             resources = req.resources or (image.manifest.default_resources if image is not None else None) \
                 or await self._default_resources(supervisor)
-            check = PolicyCheck(operation=OperationType.SPAWN, domain=req.domain, supervisor=sup_name,
+            check = PolicyCheck(operation=req.operation, domain=req.domain, supervisor=sup_name,
                                 agent=req.name, resources=resources)
             admit = AdmitAgents(request_id=rid, agents=[key], check=check)
             # Compensations first, scoped to this request: they undo only what it took, so they are
@@ -123,6 +123,11 @@ class SpawnAgentWorkflow:
             if len(outcomes) > 3:
                 assert isinstance(outcomes[3], AgentImage)
                 image = outcomes[3]
+            if image is not None and req.image_digest is not None and image.digest != req.image_digest:
+                raise to_application_error(ImageTampered(
+                    f"image {image.ref} at {image.path} is no longer the code this agent ran (digest "
+                    f"{image.digest[:12]}, expected {req.image_digest[:12]})", level="supervisor",
+                    entity=supervisor.entity_id))
             params = self._params(image, req)
             if reg.grant is not None and reg.grant.request_id == rid:
                 # What the supervisor could not pay is borrowed from the domain, then the global pool.
@@ -135,7 +140,7 @@ class SpawnAgentWorkflow:
             target = LevelRef.agent(req.domain, req.name)
             saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
-                spec=spec, started_at=now, updated_at=now)))
+                spec=spec, memory=req.memory, started_at=now, updated_at=now)))
             if state.spec.supervisor != sup_name:
                 raise to_application_error(Conflict(
                     f"agent {req.domain}/{req.name} already runs under supervisor {state.spec.supervisor}",

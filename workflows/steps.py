@@ -6,6 +6,7 @@ still goes through ``execute_activity_method`` with a timeout and a retry policy
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -13,11 +14,21 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from activities.agents import AgentActivities
     from activities.levels import LevelActivities
-    from tetrarch.agent import AgentImage, AgentLookup, AgentState, StopAgent
+    from tetrarch.agent import (
+        AgentImage,
+        AgentLookup,
+        AgentState,
+        Checkpoint,
+        StopAgent,
+        SwitchImage,
+        TakeCheckpoint,
+        TaskResult,
+    )
     from tetrarch.bootstrap import CurrentHierarchy
     from tetrarch.calls import (
         AdmitCall,
         CheckAllocation,
+        CheckpointCall,
         ChildCall,
         ChildQuery,
         ConfigureCall,
@@ -35,10 +46,12 @@ with workflow.unsafe.imports_passed_through():
         ReleaseGrantsCall,
         RemovalCall,
         ReserveCall,
+        RunTask,
         SetPolicyCall,
         StartAgents,
         StartedAgents,
         StopAgentCall,
+        SwitchImageCall,
         ThrottleCall,
         TransferCall,
     )
@@ -320,3 +333,25 @@ async def load_image(req: LoadImage) -> AgentImage:
     result: AgentImage = await _run(LevelActivities.load_image, req, Level.SUPERVISOR)
     return result
 
+
+
+async def checkpoint_agent(target: LevelRef, req: TakeCheckpoint) -> Checkpoint:
+    """A checkpoint of a running agent."""
+    result: Checkpoint = await _run(AgentActivities.checkpoint_agent, CheckpointCall(target=target, request=req),
+                                    Level.AGENT)
+    return result
+
+
+async def switch_agent_image(target: LevelRef, req: SwitchImage) -> AgentState:
+    """Switch a running agent to another verified image."""
+    result: AgentState = await _run(AgentActivities.switch_agent_image, SwitchImageCall(target=target, request=req),
+                                    Level.AGENT)
+    return result
+
+
+async def run_task_attempt(call: RunTask) -> TaskResult:
+    """One attempt of a task on the agent level's workers (an upgrade trying its new version)."""
+    result: TaskResult = await workflow.execute_activity_method(
+        AgentActivities.run_task, call, task_queue=queues().for_level(Level.AGENT),
+        start_to_close_timeout=timedelta(seconds=call.task.timeout_seconds + 60), retry_policy=ENTITY_CALL_RETRY)
+    return result

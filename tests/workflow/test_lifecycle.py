@@ -1,0 +1,166 @@
+"""Lifecycle operations on a real server: checkpoint, kill, restore, clone, upgrade and specialize.
+
+Each refusal names what is wrong and leaves the agents as they were (an upgrade that fails keeps the
+old version running); each test ends with the conservation audit of its domain.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from tests.conftest import domain_name
+from tests.workflow.helpers import assert_only_entities_running, res
+from tetrarch.agent import TaskInput
+from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
+from tetrarch.image_store import DEFAULT_IMAGE_DIR
+from tetrarch.images import Narrowing, ParameterRange, sign_image
+from tetrarch.lifecycle_ops import CheckpointRequest, CloneRequest, RestoreRequest, SpecializeRequest, UpgradeRequest
+from tetrarch.models import AgentStatus
+from tetrarch.operations import (
+    CreateDomainRequest,
+    CreateSupervisorRequest,
+    RemoveDomainRequest,
+    SpawnAgentRequest,
+    StopAgentRequest,
+)
+from tetrarch.policy import ImagePolicy, Policy
+from tetrarch_cli.client import TetrarchClient
+
+DEMO_KEY = (DEFAULT_IMAGE_DIR / "demo-key.pub").read_text().strip()
+DEMO_PRIVATE = (DEFAULT_IMAGE_DIR / "demo-key.key").read_bytes()
+TEXT = "Durable workflows survive crashes. Lunch was at noon. Workflows replay their history after crashes."
+
+
+async def domain(tc: TetrarchClient, tag: str) -> str:
+    d = domain_name(tag)
+    await tc.create_domain(CreateDomainRequest(domain=d, resources=res(10), policy=Policy(
+        images=ImagePolicy(trusted_signers=frozenset({DEMO_KEY})))))
+    for s in ("s1", "s2"):
+        await tc.create_supervisor(CreateSupervisorRequest(domain=d, name=s, resources=res(3)))
+    return d
+
+
+async def summarize(tc: TetrarchClient, d: str, agent: str, doc: str) -> None:
+    r = await tc.execute_task(d, agent, TaskInput(intent="summarize", input={"text": TEXT, "document_id": doc}))
+    assert r.ok, r
+
+
+async def finish(tc: TetrarchClient, d: str) -> None:
+    report = await tc.audit([d])
+    assert report.ok, report.problems
+    await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
+
+
+async def test_kill_keeps_a_final_checkpoint_and_restore_brings_the_agent_back_elsewhere(
+        tc: TetrarchClient, client: Client) -> None:
+    d = await domain(tc, "restore")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer"))
+    await summarize(tc, d, "a", "doc-1")
+    cp = await tc.checkpoint_agent(CheckpointRequest(domain=d, name="a", label="after doc-1"))
+    assert cp.memory == {"work_items": ["doc-1"]} and cp.image is not None and cp.image.ref == "summarizer@1.0.0"
+    await summarize(tc, d, "a", "doc-2")
+    with pytest.raises(Conflict):  # restoring over a running agent of the same name
+        await tc.restore_agent(RestoreRequest(domain=d, name="a"))
+    before_kill = await tc.pools([d])
+    await tc.stop_agent(StopAgentRequest(domain=d, name="a"))
+    restored = await tc.restore_agent(RestoreRequest(domain=d, name="a", supervisor="s2"))
+    assert restored.checkpoint == "final" and restored.supervisor == "s2"
+    state = await tc.agent_status(d, "a")
+    assert state.status is AgentStatus.RUNNING and state.spec.supervisor == "s2"
+    assert state.memory == {"work_items": ["doc-1", "doc-2"]}, "the final checkpoint's working state"
+    pools = await tc.pools([d])
+    assert pools.pools[f"manager/{d}"] == before_kill.pools[f"manager/{d}"]
+    # An older checkpoint of another agent, under a new name.
+    with pytest.raises(NotFound) as e:
+        await tc.restore_agent(RestoreRequest(domain=d, name="b", source="a", checkpoint="cp-nope"))
+    assert "cp-nope" in e.value.message
+    with pytest.raises(NotFound):
+        await tc.restore_agent(RestoreRequest(domain=d, name="c", source="never-existed"))
+    await assert_only_entities_running(client, d, {f"manager/{d}", f"supervisor/{d}/s1", f"supervisor/{d}/s2",
+                                                   f"agent/{d}/a"})
+    await finish(tc, d)
+
+
+async def test_clone_copies_state_and_image_and_the_source_runs_on(tc: TetrarchClient) -> None:
+    d = await domain(tc, "clone")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer",
+                                           params={"max_sentences": 2}))
+    await summarize(tc, d, "a", "doc-1")
+    cloned = await tc.clone_agent(CloneRequest(domain=d, source="a", name="a-copy"))
+    assert cloned.agents == ["a-copy"]
+    copy, src = await tc.agent_status(d, "a-copy"), await tc.agent_status(d, "a")
+    assert copy.memory == src.memory == {"work_items": ["doc-1"]}
+    assert copy.spec.params == {"max_sentences": 2} and copy.spec.image_info is not None
+    assert src.spec.image_info is not None and copy.spec.image_info.digest == src.spec.image_info.digest
+    assert src.status is AgentStatus.RUNNING
+    with pytest.raises(NotFound):
+        await tc.clone_agent(CloneRequest(domain=d, source="ghost", name="x"))
+    await finish(tc, d)
+
+
+def _version(tmp_path: Path, version: str, broken: bool = False) -> Path:
+    """The calculator image at another version, signed by the demo key (broken: it answers wrong)."""
+    dest = tmp_path / f"calculator-{version}"
+    shutil.copytree(DEFAULT_IMAGE_DIR / "calculator", dest)
+    manifest = dest / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", f"version: {version}"))
+    if broken:
+        code = dest / "agent.py"
+        code.write_text(code.read_text() + "\n\n_real = handle\n\n\ndef handle(request):\n"
+                        "    out = _real(request)\n    out['output'] = {'value': -1}\n    return out\n")
+    sign_image(dest, DEMO_PRIVATE)
+    return dest
+
+
+async def test_upgrade_only_after_the_new_version_verifies_and_passes(tc: TetrarchClient, tmp_path: Path) -> None:
+    d = await domain(tc, "upgrade")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="calc", image="calculator"))
+    broken = _version(tmp_path, "1.2.0", broken=True)
+    with pytest.raises(Conflict) as failed:
+        await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(broken)))
+    assert "evaluation" in failed.value.message and failed.value.problems
+    assert (await tc.agent_status(d, "calc")).spec.image == "calculator@1.0.0", "the old version keeps running"
+    unsigned = _version(tmp_path, "1.3.0")
+    (unsigned / "SIGNATURE.json").unlink()
+    with pytest.raises(TetrarchError) as e:
+        await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(unsigned)))
+    assert e.value.code == "ImageUnsigned"
+    older = _version(tmp_path, "0.9.0")
+    with pytest.raises(InvalidRequest) as old:
+        await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(older)))
+    assert "not newer" in old.value.message
+    with pytest.raises(InvalidRequest):
+        await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image="summarizer"))
+
+    good = _version(tmp_path, "1.1.0")
+    done = await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(good)))
+    assert (done.previous_image, done.image) == ("calculator@1.0.0", "calculator@1.1.0")
+    state = await tc.agent_status(d, "calc")
+    assert state.spec.image == "calculator@1.1.0" and state.status is AgentStatus.RUNNING
+    r = await tc.execute_task(d, "calc", TaskInput(intent="evaluate", input={"expression": "6 * 7"}))
+    assert r.ok and r.output == {"value": 42}
+    await finish(tc, d)
+
+
+async def test_specialize_narrows_and_never_widens(tc: TetrarchClient) -> None:
+    d = await domain(tc, "special")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer"))
+    with pytest.raises(TetrarchError) as wide:
+        await tc.specialize_agent(SpecializeRequest(domain=d, name="a", narrowing=Narrowing(
+            parameters={"max_sentences": ParameterRange(maximum=50)})))
+    assert wide.value.code == "SpecializeWidens"
+    with pytest.raises(TetrarchError) as unknown:
+        await tc.specialize_agent(SpecializeRequest(domain=d, name="a", narrowing=Narrowing(intents=["translate"])))
+    assert unknown.value.code == "SpecializeWidens"
+    narrowed = await tc.specialize_agent(SpecializeRequest(domain=d, name="a", narrowing=Narrowing(
+        parameters={"max_sentences": ParameterRange(maximum=2, default=1)})))
+    assert narrowed.intents == ["summarize"]
+    state = await tc.agent_status(d, "a")
+    assert state.spec.image_info is not None
+    assert state.spec.image_info.manifest.parameters["max_sentences"].maximum == 2
+    assert state.spec.params["max_sentences"] == 1
+    await finish(tc, d)

@@ -1,0 +1,76 @@
+"""Inputs and outputs of the lifecycle operations (checkpoint, restore, clone, upgrade, specialize).
+
+Public API like :mod:`tetrarch.operations`: exported as JSON Schema, usable from the ``temporal`` CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tetrarch.images import Narrowing
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(default="", description="Idempotency key; defaults to the operation's workflow id.")
+
+
+class CheckpointRequest(_Request):
+    """Checkpoint a running agent."""
+
+    domain: str
+    name: str
+    label: str = ""
+
+
+class RestoreRequest(_Request):
+    """Start agent ``name`` from a checkpoint of ``source`` (default: itself, once stopped)."""
+
+    domain: str
+    name: str
+    source: str | None = None
+    checkpoint: str | None = Field(default=None, description="A checkpoint id; default: the latest (the final one).")
+    supervisor: str | None = Field(default=None, description="Restore under another supervisor of the domain.")
+
+
+class CloneRequest(_Request):
+    """A new agent ``name`` with a copy of running agent ``source``'s state and image."""
+
+    domain: str
+    source: str
+    name: str
+    supervisor: str | None = None
+
+
+class UpgradeRequest(_Request):
+    """Switch a running agent to a newer signed version of its image."""
+
+    domain: str
+    name: str
+    image: str = Field(description="The new version: name@version in the image store, or a path.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Parameter overrides for the new version.")
+
+
+class SpecializeRequest(_Request):
+    """Narrow a running agent's intents and parameters within its image."""
+
+    domain: str
+    name: str
+    narrowing: Narrowing
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LifecycleResult(BaseModel):
+    """What a lifecycle operation did."""
+
+    operation: str
+    domain: str
+    agents: list[str] = Field(description="The agents it made or changed.")
+    supervisor: str | None = None
+    checkpoint: str | None = None
+    image: str | None = None
+    previous_image: str | None = None
+    intents: list[str] = Field(default_factory=list)
