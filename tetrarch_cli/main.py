@@ -31,6 +31,8 @@ from tetrarch.agent import TaskInput
 from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
 from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import NotFound, TetrarchError
+from tetrarch.images import Narrowing, ParameterRange
+from tetrarch.lifecycle_ops import CheckpointRequest, CloneRequest, RestoreRequest, SpecializeRequest, UpgradeRequest
 from tetrarch.models import LevelRef
 from tetrarch.names import Level
 from tetrarch.operations import (
@@ -708,6 +710,91 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+@agent.command("checkpoint")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.option("--label", default="")
+@json_option
+@click.pass_obj
+def agent_checkpoint(ctx: Ctx, domain_name: str, name: str, label: str) -> None:
+    """Checkpoint agent NAME (its image, parameters and working state)."""
+    cp = _run(ctx, lambda tc: tc.checkpoint_agent(CheckpointRequest(domain=domain_name, name=name, label=label)))
+    _emit(ctx, cp, lambda: f"checkpoint {cp.id} of {domain_name}/{name} at {cp.taken_at.isoformat(timespec='seconds')}"
+                           f" ({cp.image.ref if cp.image else 'no image'}, {len(cp.memory)} state key(s))")
+
+
+@agent.command("restore")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.option("--from", "source", default=None, help="Another agent's checkpoint (default: NAME's own, once stopped).")
+@click.option("--checkpoint", default=None, help="A checkpoint id (default: the latest, the final one once stopped).")
+@click.option("--supervisor", default=None, help="Restore under another supervisor of the domain.")
+@json_option
+@click.pass_obj
+def agent_restore(ctx: Ctx, domain_name: str, name: str, source: str | None, checkpoint: str | None,
+                  supervisor: str | None) -> None:
+    """Start agent NAME from a checkpoint."""
+    req = RestoreRequest(domain=domain_name, name=name, source=source, checkpoint=checkpoint, supervisor=supervisor)
+    r = _run(ctx, lambda tc: tc.restore_agent(req))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} restored from checkpoint {r.checkpoint} under {r.supervisor}")
+
+
+@agent.command("clone")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("source")
+@click.argument("name")
+@click.option("--supervisor", default=None)
+@json_option
+@click.pass_obj
+def agent_clone(ctx: Ctx, domain_name: str, source: str, name: str, supervisor: str | None) -> None:
+    """Make agent NAME a copy of running agent SOURCE (its state and image)."""
+    r = _run(ctx, lambda tc: tc.clone_agent(CloneRequest(domain=domain_name, source=source, name=name,
+                                                         supervisor=supervisor)))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} cloned from {source} under {r.supervisor}")
+
+
+@agent.command("upgrade")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.argument("image_ref", metavar="IMAGE")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE")
+@json_option
+@click.pass_obj
+def agent_upgrade(ctx: Ctx, domain_name: str, name: str, image_ref: str, params: tuple[str, ...]) -> None:
+    """Switch agent NAME to a newer signed version IMAGE (verified and tried first)."""
+    req = UpgradeRequest(domain=domain_name, name=name, image=image_ref, params=_params(params))
+    r = _run(ctx, lambda tc: tc.upgrade_agent(req))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} upgraded: {r.previous_image} -> {r.image}")
+
+
+@agent.command("specialize")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.option("--intent", "intents", multiple=True, help="An intent it keeps (default: all).")
+@click.option("--range", "ranges", multiple=True, metavar="PARAM=MIN:MAX[:DEFAULT]",
+              help="A tighter range for a numeric parameter (leave MIN or MAX empty to keep it).")
+@json_option
+@click.pass_obj
+def agent_specialize(ctx: Ctx, domain_name: str, name: str, intents: tuple[str, ...], ranges: tuple[str, ...]) -> None:
+    """Narrow agent NAME's intents and parameter ranges within its image (never wider)."""
+    parameters: dict[str, ParameterRange] = {}
+    for item in ranges:
+        key, sep, spec = item.partition("=")
+        parts = spec.split(":")
+        if not sep or not key or len(parts) not in (2, 3):
+            raise click.BadParameter(f"{item!r} is not PARAM=MIN:MAX[:DEFAULT]", param_hint="--range")
+        try:
+            values = [json.loads(p) if p else None for p in parts]
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{item!r}: {e}", param_hint="--range") from None
+        parameters[key] = ParameterRange(minimum=values[0], maximum=values[1],
+                                         default=values[2] if len(values) == 3 else None)
+    narrowing = Narrowing(intents=list(intents) or None, parameters=parameters)
+    r = _run(ctx, lambda tc: tc.specialize_agent(SpecializeRequest(domain=domain_name, name=name,
+                                                                   narrowing=narrowing)))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} specialized: intents {', '.join(r.intents)}")
 
 
 @agent.command("usage")
