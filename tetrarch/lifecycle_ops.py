@@ -63,6 +63,28 @@ class SpecializeRequest(_Request):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class MergeRequest(_Request):
+    """Merge running agents of one domain into a new agent ``name``: their states combined (the image's
+    merge rule), their spawn allocations summed; the originals are stopped once it runs.
+
+    An entry ``other-domain/agent`` names an agent of another domain, which is refused.
+    """
+
+    domain: str
+    agents: list[str] = Field(min_length=2)
+    name: str
+    supervisor: str | None = None
+
+
+class SplitRequest(_Request):
+    """Split a running agent into ``parts`` new agents ``<name>-1..N``: its state dealt out (the image's
+    split rule), its spawn allocation divided; the original is stopped once they run."""
+
+    domain: str
+    name: str
+    parts: int
+
+
 class LifecycleResult(BaseModel):
     """What a lifecycle operation did."""
 

@@ -34,8 +34,10 @@ from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
     LifecycleResult,
+    MergeRequest,
     RestoreRequest,
     SpecializeRequest,
+    SplitRequest,
     UpgradeRequest,
 )
 from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
@@ -85,8 +87,10 @@ from workflows.levels import ManagementEntity
 from workflows.lifecycle import (
     CheckpointAgentWorkflow,
     CloneAgentWorkflow,
+    MergeAgentsWorkflow,
     RestoreAgentWorkflow,
     SpecializeAgentWorkflow,
+    SplitAgentWorkflow,
     UpgradeAgentWorkflow,
 )
 from workflows.policies import SetPolicyWorkflow
@@ -251,6 +255,16 @@ class TetrarchClient:
     async def specialize_agent(self, req: SpecializeRequest) -> LifecycleResult:
         """Narrow a running agent's intents and parameters within its image."""
         return await self._execute(SpecializeAgentWorkflow.run, req, Level.SUPERVISOR, "specialize",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def merge_agents(self, req: MergeRequest) -> LifecycleResult:
+        """Merge running agents of one domain into a new one; the originals stop once it runs."""
+        return await self._execute(MergeAgentsWorkflow.run, req, Level.SUPERVISOR, "merge",
+                                   f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def split_agent(self, req: SplitRequest) -> LifecycleResult:
+        """Split a running agent into N; the original stops once they run."""
+        return await self._execute(SplitAgentWorkflow.run, req, Level.SUPERVISOR, "split",
                                    f"{req.domain}/{req.name}", LifecycleResult)
 
     async def stop_agent(self, req: StopAgentRequest) -> RemovalResult:

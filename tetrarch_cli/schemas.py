@@ -53,8 +53,10 @@ from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
     LifecycleResult,
+    MergeRequest,
     RestoreRequest,
     SpecializeRequest,
+    SplitRequest,
     UpgradeRequest,
 )
 from tetrarch.models import ChildView, LevelSummary, LevelView, PoolView
@@ -142,6 +144,10 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Switch to a newer signed version, verified and tried first; else the old one keeps running."),
     ApiEntry("workflow", "SpecializeAgent", "supervisor", SpecializeRequest, LifecycleResult,
              "Narrow an agent's intents and parameters within its image (never wider)."),
+    ApiEntry("workflow", "MergeAgents", "supervisor", MergeRequest, LifecycleResult,
+             "Merge running agents of one domain into one (states combined, allocations summed)."),
+    ApiEntry("workflow", "SplitAgent", "supervisor", SplitRequest, LifecycleResult,
+             "Split a running agent into N (state dealt out, allocation divided)."),
     ApiEntry("workflow", "StopAgent", "supervisor", StopAgentRequest, RemovalResult,
              "Stop an agent cleanly and release its resources."),
     ApiEntry("workflow", "SetPolicy", "orchestrator, manager, supervisor", SetPolicyRequest,

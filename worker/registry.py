@@ -19,8 +19,10 @@ from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWo
 from workflows.lifecycle import (
     CheckpointAgentWorkflow,
     CloneAgentWorkflow,
+    MergeAgentsWorkflow,
     RestoreAgentWorkflow,
     SpecializeAgentWorkflow,
+    SplitAgentWorkflow,
     UpgradeAgentWorkflow,
 )
 from workflows.policies import SetPolicyWorkflow
@@ -47,7 +49,7 @@ WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
     Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow,
                        AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow,
                        BatchSpawnAgentsWorkflow, CheckpointAgentWorkflow, RestoreAgentWorkflow, CloneAgentWorkflow,
-                       UpgradeAgentWorkflow, SpecializeAgentWorkflow),
+                       UpgradeAgentWorkflow, SpecializeAgentWorkflow, MergeAgentsWorkflow, SplitAgentWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 

@@ -6,32 +6,39 @@ agent it started from running unless it succeeded.
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
+    from runtime.sandbox import MIN_MEMORY_MIB
     from tetrarch.agent import AgentImage, Checkpoint, SwitchImage, TakeCheckpoint, TaskInput
     from tetrarch.calls import LoadImage, RunTask
     from tetrarch.decisions import PolicyCheck
     from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
-    from tetrarch.images import narrow, resolve_parameters, score_eval
+    from tetrarch.images import StateRules, narrow, resolve_parameters, score_eval
     from tetrarch.lifecycle_ops import (
         CheckpointRequest,
         CloneRequest,
         LifecycleResult,
+        MergeRequest,
         RestoreRequest,
         SpecializeRequest,
+        SplitRequest,
         UpgradeRequest,
     )
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
-    from tetrarch.operations import AgentResult, SpawnAgentRequest
+    from tetrarch.operations import AgentResult, SpawnAgentRequest, StopAgentRequest
     from tetrarch.policy import OperationType
+    from tetrarch.resources import total
+    from tetrarch.state_rules import merge_states, split_resources, split_state
 
 from workflows import steps
-from workflows.agents import SpawnAgentWorkflow, judge_everywhere
-from workflows.common import DOMAIN_KEY, OPERATION_KEY, queues, to_application_error
+from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow, judge_everywhere
+from workflows.common import DOMAIN_KEY, OPERATION_KEY, gather_all, queues, reraise, to_application_error
 from workflows.level_ops import request_id
 
 _FAIL_FAST: list[type[BaseException]] = [pydantic.ValidationError]
@@ -209,3 +216,100 @@ class SpecializeAgentWorkflow:
         await steps.switch_agent_image(target, SwitchImage(request_id=rid, image=narrowed, params=params))
         return LifecycleResult(operation="specialize", domain=req.domain, agents=[req.name], supervisor=supervisor,
                                image=image.ref, intents=sorted(manifest.intents))
+
+
+async def _stop(domain: str, name: str, reason: str) -> None:
+    await workflow.execute_child_workflow(
+        StopAgentWorkflow.run, StopAgentRequest(domain=domain, name=name, reason=reason,
+                                                request_id=f"{workflow.info().workflow_id}/stop/{name}"),
+        id=f"{workflow.info().workflow_id}/stop/{name}", task_queue=queues().for_level(Level.SUPERVISOR))
+
+
+async def _spawn_all(requests: list[SpawnAgentRequest]) -> list[AgentResult]:
+    """Spawn every agent or none: if one spawn fails, the others are stopped again."""
+    outcomes = await asyncio.gather(*(workflow.execute_child_workflow(
+        SpawnAgentWorkflow.run, r, id=f"{workflow.info().workflow_id}/spawn/{r.name}",
+        task_queue=queues().for_level(Level.SUPERVISOR)) for r in requests), return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:
+        done = [r.name for r, o in zip(requests, outcomes, strict=True) if not isinstance(o, BaseException)]
+        await gather_all(*(_stop(requests[0].domain, n, "undone: its siblings could not be spawned") for n in done))
+        reraise(failed[0])
+    return [o for o in outcomes if isinstance(o, AgentResult)]
+
+
+@workflow.defn(name="SplitAgent", failure_exception_types=_FAIL_FAST)
+class SplitAgentWorkflow:
+    """One running agent into N (``<name>-1..N``): its state dealt out, its allocation divided; the
+    original stops only once every part runs (if any part cannot start, none is kept)."""
+
+    @workflow.run
+    async def run(self, req: SplitRequest) -> LifecycleResult:
+        _tag("SplitAgent", req.domain)
+        rid = request_id(req.request_id)
+        target, supervisor = await _running_agent(req.domain, req.name)
+        state = (await steps.find_agent(target)).state
+        image = state.spec.image_info
+        rules = image.manifest.state if image is not None else StateRules()
+        try:
+            share = split_resources(state.spec.resources, req.parts, MIN_MEMORY_MIB if image is not None else 0)
+            memories = split_state(state.memory, rules, req.parts)
+        except TetrarchError as e:
+            raise _refuse(e) from None
+        await judge_everywhere(req.domain, supervisor, PolicyCheck(
+            operation=OperationType.SPLIT, domain=req.domain, supervisor=supervisor, agent=req.name,
+            resources=share, count=req.parts))
+        names = [f"{req.name}-{i}" for i in range(1, req.parts + 1)]
+        await _spawn_all([SpawnAgentRequest(
+            request_id=f"{rid}/{n}", domain=req.domain, supervisor=supervisor, name=n, resources=share,
+            image=image.path if image is not None else None, image_digest=image.digest if image is not None else None,
+            params=state.spec.params, memory=memories[i], operation=OperationType.SPLIT)
+            for i, n in enumerate(names)])
+        await _stop(req.domain, req.name, f"split into {', '.join(names)}")
+        return LifecycleResult(operation="split", domain=req.domain, agents=names, supervisor=supervisor,
+                               image=image.ref if image is not None else None)
+
+
+@workflow.defn(name="MergeAgents", failure_exception_types=_FAIL_FAST)
+class MergeAgentsWorkflow:
+    """Running agents of one domain into one: states combined, spawn allocations summed; the originals
+    stop only once the merged agent runs."""
+
+    @workflow.run
+    async def run(self, req: MergeRequest) -> LifecycleResult:
+        _tag("MergeAgents", req.domain)
+        rid = request_id(req.request_id)
+        names = []
+        for entry in req.agents:
+            dom, sep, name = entry.rpartition("/")
+            if sep and dom != req.domain:
+                raise _refuse(InvalidRequest(f"agent {entry} is in domain {dom!r}, not {req.domain!r}: agents of "
+                                             "different domains cannot merge", level="manager"))
+            names.append(name)
+        if len(set(names)) != len(names):
+            raise _refuse(InvalidRequest("each agent is merged once", level="supervisor"))
+        states = []
+        for n in names:
+            target, _ = await _running_agent(req.domain, n)
+            states.append((await steps.find_agent(target)).state)
+        images = [s.spec.image_info for s in states]
+        kinds = {i.manifest.name if i is not None else None for i in images}
+        if len(kinds) > 1:
+            raise _refuse(InvalidRequest(f"the agents run different images ({', '.join(sorted(map(str, kinds)))}); "
+                                         "only agents of one image merge", level="supervisor"))
+        image = max((i for i in images if i is not None), key=lambda i: i.manifest.semver, default=None)
+        rules = image.manifest.state if image is not None else StateRules()
+        try:
+            memory = merge_states([s.memory for s in states], rules)
+        except TetrarchError as e:
+            raise _refuse(e) from None
+        params = next((s.spec.params for s in states if s.spec.image_info is image), {})
+        supervisor = req.supervisor or states[0].spec.supervisor
+        merged = await _spawn_all([SpawnAgentRequest(
+            request_id=f"{rid}/merged", domain=req.domain, supervisor=supervisor, name=req.name,
+            resources=total([s.spec.resources for s in states]), image=image.path if image is not None else None,
+            image_digest=image.digest if image is not None else None, params=params, memory=memory,
+            operation=OperationType.MERGE)])
+        await gather_all(*(_stop(req.domain, n, f"merged into {req.name}") for n in names))
+        return LifecycleResult(operation="merge", domain=req.domain, agents=[merged[0].agent.name],
+                               supervisor=supervisor, image=image.ref if image is not None else None)

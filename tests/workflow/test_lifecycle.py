@@ -18,7 +18,15 @@ from tetrarch.agent import TaskInput
 from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
 from tetrarch.image_store import DEFAULT_IMAGE_DIR
 from tetrarch.images import Narrowing, ParameterRange, sign_image
-from tetrarch.lifecycle_ops import CheckpointRequest, CloneRequest, RestoreRequest, SpecializeRequest, UpgradeRequest
+from tetrarch.lifecycle_ops import (
+    CheckpointRequest,
+    CloneRequest,
+    MergeRequest,
+    RestoreRequest,
+    SpecializeRequest,
+    SplitRequest,
+    UpgradeRequest,
+)
 from tetrarch.models import AgentStatus
 from tetrarch.operations import (
     CreateDomainRequest,
@@ -28,6 +36,7 @@ from tetrarch.operations import (
     StopAgentRequest,
 )
 from tetrarch.policy import ImagePolicy, Policy
+from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
 
 DEMO_KEY = (DEFAULT_IMAGE_DIR / "demo-key.pub").read_text().strip()
@@ -163,4 +172,55 @@ async def test_specialize_narrows_and_never_widens(tc: TetrarchClient) -> None:
     assert state.spec.image_info is not None
     assert state.spec.image_info.manifest.parameters["max_sentences"].maximum == 2
     assert state.spec.params["max_sentences"] == 1
+    await finish(tc, d)
+
+
+async def test_split_deals_the_state_out_and_divides_the_allocation(tc: TetrarchClient, client: Client) -> None:
+    d = await domain(tc, "split")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer",
+                                           resources=Resources.of(cpu=1, memory="512Mi")))
+    for doc in ("d1", "d2", "d3"):
+        await summarize(tc, d, "a", doc)
+    for parts in (0, 1):
+        with pytest.raises(InvalidRequest):
+            await tc.split_agent(SplitRequest(domain=d, name="a", parts=parts))
+    with pytest.raises(InvalidRequest) as many:  # 512Mi in 32 parts is below what a task needs
+        await tc.split_agent(SplitRequest(domain=d, name="a", parts=32))
+    assert "more than" in many.value.message
+    assert (await tc.agent_status(d, "a")).status is AgentStatus.RUNNING
+    done = await tc.split_agent(SplitRequest(domain=d, name="a", parts=2))
+    assert done.agents == ["a-1", "a-2"]
+    one, two = await tc.agent_status(d, "a-1"), await tc.agent_status(d, "a-2")
+    assert one.memory == {"work_items": ["d1", "d3"]} and two.memory == {"work_items": ["d2"]}
+    assert one.spec.resources == two.spec.resources == Resources.of(cpu=0.5, memory="256Mi")
+    with pytest.raises(NotFound):
+        await tc.agent_status(d, "a")
+    await assert_only_entities_running(client, d, {f"manager/{d}", f"supervisor/{d}/s1", f"supervisor/{d}/s2",
+                                                   f"agent/{d}/a-1", f"agent/{d}/a-2"})
+    await finish(tc, d)
+
+
+async def test_merge_combines_states_and_sums_allocations(tc: TetrarchClient, client: Client) -> None:
+    d = await domain(tc, "merge")
+    for name, doc in (("a", "d1"), ("b", "d2")):
+        await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name=name, image="summarizer",
+                                               resources=Resources.of(cpu=0.5, memory="256Mi")))
+        await summarize(tc, d, name, doc)
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s2", name="calc", image="calculator"))
+    with pytest.raises(InvalidRequest) as other:
+        await tc.merge_agents(MergeRequest(domain=d, agents=["a", "elsewhere/b"], name="ab"))
+    assert "different domains" in other.value.message
+    with pytest.raises(InvalidRequest) as images:
+        await tc.merge_agents(MergeRequest(domain=d, agents=["a", "calc"], name="ac"))
+    assert "different images" in images.value.message
+    merged = await tc.merge_agents(MergeRequest(domain=d, agents=["a", "b"], name="ab"))
+    assert merged.agents == ["ab"]
+    ab = await tc.agent_status(d, "ab")
+    assert ab.memory == {"work_items": ["d1", "d2"]}
+    assert ab.spec.resources == Resources.of(cpu=1, memory="512Mi")
+    for gone in ("a", "b"):
+        with pytest.raises(NotFound):
+            await tc.agent_status(d, gone)
+    await assert_only_entities_running(client, d, {f"manager/{d}", f"supervisor/{d}/s1", f"supervisor/{d}/s2",
+                                                   f"agent/{d}/ab", f"agent/{d}/calc"})
     await finish(tc, d)
