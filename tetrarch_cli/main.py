@@ -32,7 +32,15 @@ from tetrarch.bootstrap import DEFAULT_BOOTSTRAP, HierarchySpec, load_bootstrap
 from tetrarch.decisions import PolicyCheck
 from tetrarch.errors import NotFound, TetrarchError
 from tetrarch.images import Narrowing, ParameterRange
-from tetrarch.lifecycle_ops import CheckpointRequest, CloneRequest, RestoreRequest, SpecializeRequest, UpgradeRequest
+from tetrarch.lifecycle_ops import (
+    CheckpointRequest,
+    CloneRequest,
+    MergeRequest,
+    RestoreRequest,
+    SpecializeRequest,
+    SplitRequest,
+    UpgradeRequest,
+)
 from tetrarch.models import LevelRef
 from tetrarch.names import Level
 from tetrarch.operations import (
@@ -795,6 +803,32 @@ def agent_specialize(ctx: Ctx, domain_name: str, name: str, intents: tuple[str, 
     r = _run(ctx, lambda tc: tc.specialize_agent(SpecializeRequest(domain=domain_name, name=name,
                                                                    narrowing=narrowing)))
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} specialized: intents {', '.join(r.intents)}")
+
+
+@agent.command("merge")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.argument("agents", nargs=-1, required=True)
+@click.option("--supervisor", default=None)
+@json_option
+@click.pass_obj
+def agent_merge(ctx: Ctx, domain_name: str, name: str, agents: tuple[str, ...], supervisor: str | None) -> None:
+    """Merge AGENTS of DOMAIN into a new agent NAME (states combined, allocations summed)."""
+    r = _run(ctx, lambda tc: tc.merge_agents(MergeRequest(domain=domain_name, agents=list(agents), name=name,
+                                                          supervisor=supervisor)))
+    _emit(ctx, r, lambda: f"agents {', '.join(agents)} merged into {domain_name}/{name} under {r.supervisor}")
+
+
+@agent.command("split")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("name")
+@click.argument("parts", type=int)
+@json_option
+@click.pass_obj
+def agent_split(ctx: Ctx, domain_name: str, name: str, parts: int) -> None:
+    """Split agent NAME into PARTS agents NAME-1..PARTS (state dealt out, allocation divided)."""
+    r = _run(ctx, lambda tc: tc.split_agent(SplitRequest(domain=domain_name, name=name, parts=parts)))
+    _emit(ctx, r, lambda: f"agent {domain_name}/{name} split into {', '.join(r.agents)}")
 
 
 @agent.command("usage")
