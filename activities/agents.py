@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
@@ -16,7 +17,10 @@ from runtime.sandbox import TaskRequest, run_task
 from tetrarch.agent import AgentLookup, AgentState, Checkpoint, StopAgent, TaskResult, Throttle
 from tetrarch.calls import (
     CheckpointCall,
+    CrashedAgent,
     DiscardAgentCall,
+    Liveness,
+    LivenessQuery,
     RunTask,
     StartAgents,
     StartedAgent,
@@ -29,6 +33,7 @@ from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
 from tetrarch.images import ImageTampered, open_verified
 from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import AgentStatus, LevelRef
+from tetrarch.names import agent_id
 from tetrarch.operations import AgentInput
 from tetrarch.tasks import task_limits
 from workflows.agent import AgentWorkflow
@@ -119,6 +124,39 @@ class AgentActivities:
         """Switch a running agent to another verified image."""
         return await update(self.client, call.target, AgentWorkflow.switch_image, call.request, AgentState,
                             call.request.request_id)
+
+    @activity.defn
+    async def agent_liveness(self, call: LivenessQuery) -> Liveness:
+        """The agents whose workflow is no longer running: the running ones are listed in one visibility
+        query, and each one missing from it is confirmed by describing its workflow (visibility lags)."""
+        query_text = (f"WorkflowType='Agent' AND Domain='{call.domain}' AND Supervisor='{call.supervisor}' "
+                      "AND ExecutionStatus='Running'")
+        running = {wf.id async for wf in self.client.list_workflows(query_text)}
+        suspects = [n for n in call.agents if agent_id(call.domain, n) not in running]
+
+        async def status(name: str) -> CrashedAgent | None:
+            try:
+                desc = await self.client.get_workflow_handle(agent_id(call.domain, name)).describe()
+            except RPCError:
+                return None  # never started: the spawn that registered it is still running
+            st = desc.status.name if desc.status is not None else "UNKNOWN"
+            return None if st == "RUNNING" else CrashedAgent(name=name, status=st)
+
+        found = await asyncio.gather(*(status(n) for n in suspects))
+        return Liveness(crashed=[c for c in found if c is not None])
+
+    @activity.defn
+    async def restart_agent(self, target: LevelRef) -> AgentState:
+        """Start a crashed agent again from its last checkpoint (its last state if it has none)."""
+        found = await self.find_agent(target)
+        if found.running:
+            return found.state
+        last = found.state
+        memory = last.checkpoints[-1].memory if last.checkpoints else last.memory
+        now = datetime.now(UTC)
+        fresh = last.model_copy(update={"status": AgentStatus.STARTING, "status_reason": "restarted after a crash",
+                                        "memory": memory, "started_at": now, "updated_at": now})
+        return await self.start_agent(AgentInput(agent_state=fresh))
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

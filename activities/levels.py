@@ -52,6 +52,7 @@ from tetrarch.image_store import resolve_image
 from tetrarch.images import verify_image
 from tetrarch.level import (
     AdmitResult,
+    AgentFailure,
     ChildLookup,
     ChildRef,
     ReconfigureResult,
@@ -282,6 +283,13 @@ class LevelActivities:
                                             data={"rule": decision.rule}))
         return AgentImage(ref=str(verified.ref), path=str(path.resolve()), digest=verified.digest,
                           signer=verified.signer, manifest=verified.manifest)
+
+    @activity.defn
+    async def record_agent_failure(self, req: AgentFailure) -> LevelView:
+        """Tell a manager that one of its supervisors gave up on an agent."""
+        domain = req.agent.split("/", 1)[0]
+        return await update(self.client, LevelRef.manager(domain), ManagementEntity.record_agent_failure, req,
+                            LevelView, req.request_id)
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

@@ -250,3 +250,24 @@ class SwitchImageCall(BaseModel):
 
     target: LevelRef
     request: SwitchImage
+
+
+class LivenessQuery(BaseModel):
+    """Which of these agents of a supervisor have a workflow that ended without a clean stop."""
+
+    domain: str
+    supervisor: str
+    agents: list[str]
+
+
+class CrashedAgent(BaseModel):
+    """An agent whose workflow is no longer running, though its supervisor still holds it."""
+
+    name: str
+    status: str = Field(description="How its last run ended: TERMINATED, FAILED, TIMED_OUT, ...")
+
+
+class Liveness(BaseModel):
+    """The agents found crashed."""
+
+    crashed: list[CrashedAgent] = Field(default_factory=list)

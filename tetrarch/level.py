@@ -36,7 +36,7 @@ from tetrarch.models import (
     ResourceTotals,
 )
 from tetrarch.names import ORCHESTRATOR_ID, Level, agent_id, is_valid_name, manager_id, supervisor_id
-from tetrarch.policy import DEFAULT_AGENT_RESOURCES, Policy, QuotaAction
+from tetrarch.policy import DEFAULT_AGENT_RESOURCES, Policy, QuotaAction, RestartPolicy
 from tetrarch.pools import Grant, LedgerSnapshot, PoolTotals, allocation_key, lendable, split, totals
 from tetrarch.resources import Resources, total
 
@@ -57,6 +57,8 @@ class ChildRecord(BaseModel):
     quota_watch: datetime | None = Field(
         default=None, description="Agents: the overuse (by its start) an EnforceAgentQuotas run already watches.")
     lift_throttle: bool = Field(default=False, description="Agents: throttled, and back within the allocation.")
+    restarts: list[datetime] = Field(default_factory=list, description="Agents: recent restarts after a crash.")
+    failed: str | None = Field(default=None, description="Agents: why it is given up on (restarts exhausted).")
 
 
 class RegisterChild(BaseModel):
@@ -152,6 +154,32 @@ class QuotaMark(BaseModel):
     agent: str
     action: QuotaAction
     since: datetime
+
+
+class RecordRestart(BaseModel):
+    """A crashed agent is about to be restarted: allowed while under the restart intensity."""
+
+    request_id: str = ""
+    agent: str
+    reason: str = ""
+
+
+class RestartDecision(BaseModel):
+    """Whether to restart, after how long, and how many restarts the period has seen."""
+
+    allowed: bool
+    backoff_seconds: float = 0.0
+    restarts_in_period: int
+    reason: str = ""
+
+
+class AgentFailure(BaseModel):
+    """A supervisor gave up on an agent (its restarts exhausted); its manager records and reports it."""
+
+    request_id: str = ""
+    agent: str = Field(description="'<domain>/<agent>'")
+    supervisor: str
+    reason: str
 
 
 class AdmitAgents(BaseModel):
@@ -304,6 +332,8 @@ class LevelState(BaseModel):
     grants: dict[str, Grant] = Field(default_factory=dict, description="This level's shares of allocations.")
     reclaiming: Resources | None = Field(
         default=None, description="Capacity this level wants back; while set it lends nothing new.")
+    agent_failures: dict[str, str] = Field(
+        default_factory=dict, description="Managers: agents their supervisors gave up on (key -> reason).")
     report_seq: int = 0
     created_at: datetime
     updated_at: datetime
@@ -473,6 +503,7 @@ class LevelState(BaseModel):
         for key in req.agents:
             if req.owner is None or self.admitted_agents.get(key) == req.owner:
                 self.admitted_agents.pop(key, None)
+                self.agent_failures.pop(key, None)
         self.updated_at = now
         return AdmitResult(verdict=Verdict(level=self.level.value, entity=self.entity_id, allowed=True),
                            agents=self.agent_count)
@@ -691,6 +722,29 @@ class LevelState(BaseModel):
             self.updated_at = now
         return self.view_child(req.agent)
 
+    def record_restart(self, req: RecordRestart, now: datetime) -> RestartDecision:
+        """OTP restart intensity: allow a restart while fewer than ``intensity`` happened in the period;
+        past that the agent is marked failed (given up on)."""
+        child = self._child(req.agent)
+        policy = self.policy.restart or RestartPolicy()
+        recent = [t for t in child.restarts if (now - t).total_seconds() < policy.period_seconds]
+        if child.failed is not None or len(recent) >= policy.intensity:
+            child.failed = child.failed or (f"{len(recent)} restarts in {policy.period_seconds:g}s "
+                                            f"(intensity {policy.intensity}); last crash: {req.reason}")
+            child.restarts = recent
+            self.updated_at = now
+            return RestartDecision(allowed=False, restarts_in_period=len(recent), reason=child.failed)
+        child.restarts = [*recent, now]
+        self.updated_at = now
+        return RestartDecision(allowed=True, restarts_in_period=len(child.restarts),
+                               backoff_seconds=policy.backoff_seconds * 2 ** (len(child.restarts) - 1))
+
+    def record_agent_failure(self, req: AgentFailure, now: datetime) -> LevelView:
+        """A manager records an agent its supervisor gave up on (shown in its view, health degraded)."""
+        self.agent_failures[req.agent] = f"{req.supervisor}: {req.reason}"
+        self.updated_at = now
+        return self.view(now)
+
     def watches_due(self) -> list[tuple[str, datetime]]:
         """Agents over their allocation whose overuse no EnforceAgentQuotas run watches yet."""
         return sorted((n, c.over_quota_since) for n, c in self.children.items()
@@ -841,7 +895,7 @@ class LevelState(BaseModel):
                          resources=c.resources, policy=c.policy, last_report=c.last_report, used=c.used,
                          over_quota_since=c.over_quota_since,
                          quota_action=c.quota_action.value if c.quota_action is not None else None,
-                         priority=c.priority)
+                         priority=c.priority, failed=c.failed, restarts=len(c.restarts))
 
     def pool_view(self) -> PoolView:
         """The pool as the ManagementLevel face shows it."""
@@ -853,6 +907,8 @@ class LevelState(BaseModel):
         """Draining while being removed; degraded if anything below reports trouble."""
         if self.status is ChildStatus.REMOVING:
             return Health.DRAINING
+        if self.agent_failures or any(c.failed for c in self.children.values()):
+            return Health.DEGRADED
         for child in self.children.values():
             r = child.last_report
             if r is None:
@@ -906,4 +962,4 @@ class LevelState(BaseModel):
             health=self.health(), children=[self.view_child(n) for n in sorted(self.children)],
             metrics=self.summary(now), created_at=self.created_at, updated_at=self.updated_at,
             run_updates=run_updates, continued_as_new=self.continued_as_new, agents=self.agent_count,
-            policy_cache=cache)
+            policy_cache=cache, agent_failures=dict(self.agent_failures))

@@ -98,6 +98,8 @@ class ChildView(BaseModel):
     over_quota_since: datetime | None = Field(default=None, description="Agents: using more than allocated since.")
     quota_action: str | None = Field(default=None, description="Agents: the quota action taken (throttle, stop).")
     priority: int = 0
+    failed: str | None = Field(default=None, description="Agents: why its supervisor gave up on it.")
+    restarts: int = Field(default=0, description="Agents: restarts after a crash in the current period.")
 
 
 class LevelView(BaseModel):
@@ -120,6 +122,8 @@ class LevelView(BaseModel):
     agents: int = Field(default=0, description="Agents in this level's subtree as this level counts them.")
     policy_cache: CacheStats | None = Field(default=None, description="This run's policy decision cache.")
     continued_as_new: int = Field(default=0, description="How many times this entity continued as new.")
+    agent_failures: dict[str, str] = Field(default_factory=dict,
+                                           description="Managers: agents given up on by their supervisors.")
 
 
 class LevelRef(BaseModel):

@@ -58,6 +58,7 @@ class CreateSupervisorRequest(_Request):
     name: str
     resources: Resources = Field(default_factory=lambda: Resources.of(cpu=10, memory="10Gi"))
     policy: Policy = Field(default_factory=Policy)
+    settings: EntitySettings | None = Field(default=None, description="Tuning of its entity (default: defaults).")
 
 
 class ConfigureSupervisorRequest(_Request):
@@ -217,6 +218,8 @@ class EntitySettings(BaseModel):
         description="Updates and signals per run before continuing as new (server caps: 2,000 / 10,000).")
     policy_cache_ttl_seconds: float = Field(
         default=0.1, ge=0, description="How long a policy decision is reused (the seed's 100 ms).")
+    failure_check_seconds: float = Field(
+        default=10.0, ge=0, description="Supervisors: how often they look for crashed agents (0: never).")
 
 
 class LevelInput(BaseModel):

@@ -168,6 +168,14 @@ class ResourcePolicy(_Strict):
         default=None, description="Managers: how spawns without a supervisor pick one (default spread).")
 
 
+class RestartPolicy(_Strict):
+    """OTP-style restarts of crashed agents: at most ``intensity`` in ``period_seconds``, with backoff."""
+
+    intensity: int = Field(default=3, ge=0, description="Restarts allowed within the period (0: never restart).")
+    period_seconds: float = Field(default=60.0, gt=0)
+    backoff_seconds: float = Field(default=1.0, ge=0, description="Wait before the n-th restart: this x 2^(n-1).")
+
+
 class Policy(_Strict):
     """What a level allows. ``None`` anywhere means no rule here (the ancestors' rules still apply)."""
 
@@ -187,6 +195,7 @@ class Policy(_Strict):
     default_agent_resources: Resources | None = Field(
         default=None, description="What an agent gets when its spawn request names no resources.")
     resources: ResourcePolicy = Field(default_factory=ResourcePolicy)
+    restart: RestartPolicy | None = Field(default=None, description="Supervisors: how crashed agents restart.")
 
     def rules(self) -> Policy:
         """This policy with its bookkeeping (version, template) cleared: two policies with equal rules are equal."""

@@ -27,6 +27,7 @@ from tetrarch.decisions import ChainLink, PolicyCheck, Verdict
 from tetrarch.level import (
     AdmitAgents,
     AdmitResult,
+    AgentFailure,
     BeginRemoval,
     ChildLookup,
     ChildRef,
@@ -194,6 +195,8 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("update", "transfer_capacity", _ENTITIES, TransferCapacity, ReconfigureResult,
              "Move nominal capacity between two children's slices."),
     ApiEntry("update", "mark_quota", _ENTITIES, QuotaMark, ChildView, "Record the quota action taken on an agent."),
+    ApiEntry("update", "record_agent_failure", _ENTITIES, AgentFailure, LevelView,
+             "Managers: record an agent its supervisor gave up on (restarts exhausted)."),
     ApiEntry("query", "pool", _ENTITIES, None, PoolView, "This level's pool."),
     ApiEntry("query", "link", _ENTITIES, None, ChainLink, "This level as a link of a policy chain."),
     ApiEntry("query", "ledger", _ENTITIES, None, LedgerSnapshot, "Every allocation share at this level."),

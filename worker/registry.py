@@ -64,11 +64,11 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
     if level is Level.AGENT:
         a = AgentActivities(client)
         return [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent,
-                a.run_task, a.checkpoint_agent, a.switch_agent_image]
+                a.run_task, a.checkpoint_agent, a.switch_agent_image, a.agent_liveness, a.restart_agent]
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
             lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
             lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,
             lv.transfer_capacity, lv.mark_quota, lv.read_pool, lv.read_ledger, lv.read_child, lv.check_allocation,
-            lv.placement_candidates, lv.start_quota_watch, lv.load_image]
+            lv.placement_candidates, lv.start_quota_watch, lv.load_image, lv.record_agent_failure]

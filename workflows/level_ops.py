@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RegisterResult,
     )
     from tetrarch.models import LevelRef
-    from tetrarch.operations import LevelInput, RemovalResult
+    from tetrarch.operations import EntitySettings, LevelInput, RemovalResult
     from tetrarch.policy import Policy
     from tetrarch.resources import Resources
 
@@ -42,7 +42,8 @@ def request_id(given: str) -> str:
     return given or workflow.info().workflow_id
 
 
-async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[RegisterResult, bool]:
+async def create_level(parent: LevelRef, child: LevelState, rid: str,
+                       settings: EntitySettings | None = None) -> tuple[RegisterResult, bool]:
     """Admit ``child`` at ``parent`` and start its entity. Returns the registration and whether new."""
     saga = Saga()
     try:
@@ -50,7 +51,7 @@ async def create_level(parent: LevelRef, child: LevelState, rid: str) -> tuple[R
                  lambda: steps.unregister_child(parent, child.name, f"{rid}/undo", owner=rid))
         reg = await steps.register_child(parent, RegisterChild(
             request_id=rid, name=child.name, resources=child.capacity, policy=child.policy))
-        await steps.start_level(LevelInput(level_state=child))
+        await steps.start_level(LevelInput(level_state=child, settings=settings or EntitySettings()))
         return reg, reg.created
     except BaseException as e:
         await saga.compensate()

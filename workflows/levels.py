@@ -20,12 +20,13 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.calls import StartQuotaWatch, ThrottleCall
+    from tetrarch.calls import Liveness, LivenessQuery, StartQuotaWatch, ThrottleCall
     from tetrarch.decisions import ChainLink, DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
         AdmitAgents,
         AdmitResult,
+        AgentFailure,
         BeginRemoval,
         ChildLookup,
         ChildRef,
@@ -35,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         Reclaiming,
         ReconfigureChild,
         ReconfigureResult,
+        RecordRestart,
         RegisterChild,
         RegisterChildren,
         RegisterChildrenResult,
@@ -49,7 +51,7 @@ with workflow.unsafe.imports_passed_through():
         TransferCapacity,
         UnregisterResult,
     )
-    from tetrarch.models import ChildView, LevelRef, LevelSummary, LevelView, PoolView
+    from tetrarch.models import ChildStatus, ChildView, LevelRef, LevelSummary, LevelView, PoolView
     from tetrarch.names import ORCHESTRATOR_ID, Level, manager_id
     from tetrarch.operations import EntitySettings, LevelInput
     from tetrarch.policy import Policy
@@ -59,6 +61,9 @@ with workflow.unsafe.imports_passed_through():
 from workflows.common import DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY, queues, to_application_error
 
 T = TypeVar("T")
+
+_CALL = timedelta(seconds=30)
+_FEW = RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=5))
 
 
 class EntityLoop:
@@ -103,6 +108,13 @@ class EntityLoop:
         """True when the entity has something to start itself (a supervisor's quota watches)."""
         return False
 
+    def _periodic_seconds(self) -> float | None:
+        """How long the loop may sleep before :meth:`_periodic` is due (None: nothing periodic)."""
+        return None
+
+    async def _periodic(self) -> None:
+        """Periodic work (a supervisor looking for crashed agents)."""
+
     async def _work(self) -> None:
         """Start what :meth:`_has_work` found."""
 
@@ -121,8 +133,14 @@ class EntityLoop:
     async def _loop(self) -> None:
         """Report, continue as new, or return when closing; never finish with handlers running."""
         while True:
-            await workflow.wait_condition(
-                lambda: self._dirty or self._closing or self._should_continue_as_new() or self._has_work())
+            period = self._periodic_seconds()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._dirty or self._closing or self._should_continue_as_new() or self._has_work(),
+                    timeout=timedelta(seconds=period) if period else None)
+            except TimeoutError:
+                await self._periodic()
+                continue
             if self._has_work() and not self._closing:
                 await self._work()
             if self._dirty and not self._closing:
@@ -218,6 +236,54 @@ class ManagementEntity(EntityLoop):
                     retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=5)))
             except Exception as e:
                 workflow.logger.error("could not lift the throttle of %s: %s", name, e)
+
+    def _periodic_seconds(self) -> float | None:
+        if self.state.level is not Level.SUPERVISOR or not self.settings.failure_check_seconds:
+            return None
+        watched = any(c.status is ChildStatus.ACTIVE and c.failed is None for c in self.state.children.values())
+        return self.settings.failure_check_seconds if watched else None
+
+    async def _periodic(self) -> None:
+        """``detectAgentFailure``: find agents whose workflow ended without a clean stop, and restart each
+        from its last checkpoint, at most ``intensity`` times per period with backoff; past that, give up
+        on it and report it to the manager (OTP-style)."""
+        assert self.state.domain is not None
+        names = sorted(n for n, c in self.state.children.items()
+                       if c.status is ChildStatus.ACTIVE and c.failed is None)
+        try:
+            found: Liveness = await workflow.execute_activity(
+                "agent_liveness", LivenessQuery(domain=self.state.domain, supervisor=self.state.name, agents=names),
+                result_type=Liveness, task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=_CALL,
+                retry_policy=_FEW)
+        except Exception as e:
+            workflow.logger.warning("could not check the agents' liveness: %s", e)
+            return
+        for crash in found.crashed:
+            if crash.name not in self.state.children:
+                continue  # stopped and forgotten meanwhile
+            decision = self.state.record_restart(RecordRestart(agent=crash.name, reason=crash.status),
+                                                 workflow.now())
+            self._touch()
+            try:
+                if decision.allowed:
+                    if decision.backoff_seconds:
+                        await workflow.sleep(timedelta(seconds=decision.backoff_seconds))
+                    await workflow.execute_activity(
+                        "restart_agent", LevelRef.agent(self.state.domain, crash.name),
+                        task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=_CALL, retry_policy=_FEW)
+                else:
+                    await workflow.execute_activity(
+                        "record_agent_failure", AgentFailure(
+                            agent=f"{self.state.domain}/{crash.name}", supervisor=self.state.name,
+                            reason=decision.reason, request_id=f"{self.state.entity_id}/failed/{crash.name}"),
+                        task_queue=queues().for_level(Level.MANAGER), start_to_close_timeout=_CALL, retry_policy=_FEW)
+            except Exception as e:
+                workflow.logger.error("could not recover agent %s: %s", crash.name, e)
+
+    @workflow.update
+    def record_agent_failure(self, req: AgentFailure) -> LevelView:
+        """A supervisor gave up on an agent: record and report it (managers)."""
+        return self._apply(lambda s: s.record_agent_failure(req, workflow.now()))
 
     def _tag(self) -> None:
         """Tag this entity with its level, domain and supervisor for the UI and list queries."""

@@ -59,7 +59,8 @@ class CreateSupervisorWorkflow:
         now = workflow.now()
         child = LevelState(level=Level.SUPERVISOR, name=req.name, domain=req.domain, capacity=req.resources,
                            policy=req.policy, created_at=now, updated_at=now)
-        reg, created = await create_level(LevelRef.manager(req.domain), child, request_id(req.request_id))
+        reg, created = await create_level(LevelRef.manager(req.domain), child, request_id(req.request_id),
+                                          req.settings)
         return SupervisorResult(supervisor=reg.child, created=created)
 
 
