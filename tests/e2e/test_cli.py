@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import (
+    ROOT,
     Up,
     accounting_problems,
     assert_clean,
@@ -443,16 +444,17 @@ def test_apply_is_idempotent(up_server: Up, tmp_path: Path) -> None:
                 "supervisor research/sup-2", "supervisor support/sup-1"} <= set(result["unchanged"])
     # A file with something new: created once, then nothing.
     f = tmp_path / "more.yaml"
-    f.write_text("""\
+    demo_key = (ROOT / "images" / "demo-key.pub").read_text().strip()
+    f.write_text(f"""\
 version: 1
 global:
-  resources: {cpu: 1000, memory: 1Ti}
-  policy: {max_children: 10}
+  resources: {{cpu: 1000, memory: 1Ti}}
+  policy: {{max_children: 10, images: {{trusted_signers: ['{demo_key}']}}}}
 domains:
   - name: cli-apply
-    resources: {cpu: 30, memory: 30Gi}
+    resources: {{cpu: 30, memory: 30Gi}}
     supervisors:
-      - {name: s1, resources: {cpu: 5, memory: 5Gi}, agents: 2, agent_resources: {cpu: 1, memory: 1Gi}}
+      - {{name: s1, resources: {{cpu: 5, memory: 5Gi}}, agents: 2, agent_resources: {{cpu: 1, memory: 1Gi}}}}
 """)
     first = ok("apply", f, address=a)
     assert sorted(first["created"]) == sorted(["domain cli-apply", "supervisor cli-apply/s1",

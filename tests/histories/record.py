@@ -26,6 +26,10 @@ Recorded:
   ReclaimResources that takes back an idle allocation.
 * ``enforce_quotas.json`` and ``supervisor_quota_watch.json``: an agent over its allocation, throttled
   after the grace, and the supervisor entity that started the watch.
+* ``spawn_with_image.json``, ``clone.json``, ``split.json``, ``merge.json``, ``restore.json``,
+  ``batch_spawn.json``: agents running signed images and the lifecycle operations on them;
+  ``agent_with_tasks.json``: an agent that ran tasks and was stopped; ``supervisor_restarts_agent.json``:
+  a supervisor that found a crashed agent and restarted it.
 
 ``before_resources_*.json`` were recorded before allocations existed (session 1's code) and are kept
 as they are: running executions of that version must still replay on this code. The recorder does
@@ -48,12 +52,17 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from tetrarch.agent import TaskInput
 from tetrarch.bootstrap import HierarchySpec
 from tetrarch.errors import TetrarchError
+from tetrarch.image_store import DEFAULT_IMAGE_DIR
 from tetrarch.level import LevelState, RegisterChild
+from tetrarch.lifecycle_ops import CheckpointRequest, CloneRequest, MergeRequest, RestoreRequest, SplitRequest
 from tetrarch.models import LevelRef
 from tetrarch.names import Level, SearchAttr, manager_id
 from tetrarch.operations import (
+    BatchAgent,
+    BatchSpawnRequest,
     CreateDomainRequest,
     CreateSupervisorRequest,
     EntitySettings,
@@ -61,8 +70,9 @@ from tetrarch.operations import (
     RemoveSupervisorRequest,
     SetPolicyRequest,
     SpawnAgentRequest,
+    StopAgentRequest,
 )
-from tetrarch.policy import PlacementStrategy, Policy, QuotaAction, ResourcePolicy
+from tetrarch.policy import ImagePolicy, PlacementStrategy, Policy, QuotaAction, ResourcePolicy, RestartPolicy
 from tetrarch.resource_ops import AllocateRequest, BalanceRequest, ReclaimRequest, ReleaseRequest
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
@@ -103,6 +113,7 @@ async def _record(client: Client) -> dict[str, WorkflowHistory]:
     out["agent.json"] = await _history(client, f"agent/{DOMAIN}/a1")
 
     await _record_resources(tc, client, out)
+    await _record_agents(tc, client, out)
 
     # A manager entity started directly so that it continues as new after a few Updates.
     can_domain = f"{DOMAIN}-can"
@@ -173,6 +184,50 @@ async def _record_resources(tc: TetrarchClient, client: Client, out: dict[str, W
     out["enforce_quotas.json"] = await _history(client, found[0])
     sup = (await tc.agent_status(d, "a1")).spec.supervisor
     out["supervisor_quota_watch.json"] = await _history(client, f"supervisor/{d}/{sup}")
+
+
+async def _record_agents(tc: TetrarchClient, client: Client, out: dict[str, WorkflowHistory]) -> None:
+    """Agents with images: a spawn that verifies its image, tasks, a batch, the lifecycle operations, and a
+    supervisor restarting a crashed agent."""
+    d = f"{DOMAIN}-agents"
+    key = (DEFAULT_IMAGE_DIR / "demo-key.pub").read_text().strip()
+    await tc.create_domain(CreateDomainRequest(
+        domain=d, resources=Resources.of(cpu=10, memory="10Gi"), request_id="rec",
+        policy=Policy(images=ImagePolicy(trusted_signers=frozenset({key})))))
+    await tc.create_supervisor(CreateSupervisorRequest(
+        domain=d, name="s", resources=Resources.of(cpu=6, memory="6Gi"), request_id="rec",
+        policy=Policy(restart=RestartPolicy(backoff_seconds=0)), settings=EntitySettings(failure_check_seconds=0.5)))
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s", name="sum", image="summarizer", request_id="rec"))
+    out["spawn_with_image.json"] = await _history(client, f"op/spawn-agent/{d}/sum/rec")
+    text = "Durable workflows survive crashes. Lunch was at noon. Workflows replay their history after crashes."
+    for doc in ("d1", "d2"):
+        await tc.execute_task(d, "sum", TaskInput(request_id=doc, intent="summarize",
+                                                  input={"text": text, "document_id": doc}))
+    await tc.checkpoint_agent(CheckpointRequest(domain=d, name="sum", request_id="rec"))
+    await tc.clone_agent(CloneRequest(domain=d, source="sum", name="sum-copy", request_id="rec"))
+    out["clone.json"] = await _history(client, f"op/clone/{d}/sum-copy/rec")
+    await tc.split_agent(SplitRequest(domain=d, name="sum-copy", parts=2, request_id="rec"))
+    out["split.json"] = await _history(client, f"op/split/{d}/sum-copy/rec")
+    await tc.merge_agents(MergeRequest(domain=d, agents=["sum-copy-1", "sum-copy-2"], name="merged",
+                                       request_id="rec"))
+    out["merge.json"] = await _history(client, f"op/merge/{d}/merged/rec")
+    await tc.stop_agent(StopAgentRequest(domain=d, name="merged", request_id="rec"))
+    out["agent_with_tasks.json"] = await _history(client, f"agent/{d}/merged")
+    await tc.restore_agent(RestoreRequest(domain=d, name="merged", request_id="rec"))
+    out["restore.json"] = await _history(client, f"op/restore/{d}/merged/rec")
+    await tc.batch_spawn(BatchSpawnRequest(domain=d, supervisor="s", request_id="rec", agents=[
+        BatchAgent(name=f"b{i}", resources=Resources.of(cpu=0.1, memory="64Mi")) for i in range(3)]))
+    out["batch_spawn.json"] = await _history(client, f"op/batch-spawn/{d}/rec")
+    handle = client.get_workflow_handle(f"agent/{d}/sum")
+    first = (await handle.describe()).run_id
+    await handle.terminate("recorded crash")
+    for _ in range(100):
+        if (await handle.describe()).run_id != first:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise RuntimeError("the supervisor did not restart the crashed agent")
+    out["supervisor_restarts_agent.json"] = await _history(client, f"supervisor/{d}/s")
 
 
 async def main() -> None:
