@@ -28,7 +28,8 @@ Recorded:
   after the grace, and the supervisor entity that started the watch.
 * ``spawn_with_image.json``, ``clone.json``, ``split.json``, ``merge.json``, ``restore.json``,
   ``batch_spawn.json``: agents running signed images and the lifecycle operations on them;
-  ``agent_with_tasks.json``: an agent that ran tasks and was stopped; ``supervisor_restarts_agent.json``:
+  ``agent_with_tasks.json``: an agent that ran tasks (then crashed); ``agent_merged_stopped.json``: a
+  merged agent, stopped; ``supervisor_restarts_agent.json``:
   a supervisor that found a crashed agent and restarted it.
 
 ``before_resources_*.json`` were recorded before allocations existed (session 1's code) and are kept
@@ -212,7 +213,7 @@ async def _record_agents(tc: TetrarchClient, client: Client, out: dict[str, Work
                                        request_id="rec"))
     out["merge.json"] = await _history(client, f"op/merge/{d}/merged/rec")
     await tc.stop_agent(StopAgentRequest(domain=d, name="merged", request_id="rec"))
-    out["agent_with_tasks.json"] = await _history(client, f"agent/{d}/merged")
+    out["agent_merged_stopped.json"] = await _history(client, f"agent/{d}/merged")
     await tc.restore_agent(RestoreRequest(domain=d, name="merged", request_id="rec"))
     out["restore.json"] = await _history(client, f"op/restore/{d}/merged/rec")
     await tc.batch_spawn(BatchSpawnRequest(domain=d, supervisor="s", request_id="rec", agents=[
@@ -228,6 +229,7 @@ async def _record_agents(tc: TetrarchClient, client: Client, out: dict[str, Work
     else:
         raise RuntimeError("the supervisor did not restart the crashed agent")
     out["supervisor_restarts_agent.json"] = await _history(client, f"supervisor/{d}/s")
+    out["agent_with_tasks.json"] = await _history(client, f"agent/{d}/sum", first)
 
 
 async def main() -> None:
