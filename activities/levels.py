@@ -53,6 +53,7 @@ from tetrarch.images import verify_image
 from tetrarch.level import (
     AdmitResult,
     AgentFailure,
+    AgentList,
     ChildLookup,
     ChildRef,
     ReconfigureResult,
@@ -290,6 +291,12 @@ class LevelActivities:
         domain = req.agent.split("/", 1)[0]
         return await update(self.client, LevelRef.manager(domain), ManagementEntity.record_agent_failure, req,
                             LevelView, req.request_id)
+
+    @activity.defn
+    async def read_dependents(self, call: ChildQuery) -> AgentList:
+        """The agents that depend on one agent, as its domain's manager records them."""
+        return await query(self.client, call.target, ManagementEntity.dependents, AgentList,
+                           arg=ChildRef(name=call.name))
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

@@ -173,6 +173,12 @@ class RestartDecision(BaseModel):
     reason: str = ""
 
 
+class AgentList(BaseModel):
+    """Agents by key (``<domain>/<agent>``)."""
+
+    agents: list[str] = Field(default_factory=list)
+
+
 class AgentFailure(BaseModel):
     """A supervisor gave up on an agent (its restarts exhausted); its manager records and reports it."""
 
@@ -194,6 +200,8 @@ class AdmitAgents(BaseModel):
     check: PolicyCheck
     partial: bool = Field(default=False, description="Best effort: admit as many as the live count allows "
                                                      "(in order) instead of all or none.")
+    depends_on: dict[str, list[str]] = Field(
+        default_factory=dict, description="Managers: agent key -> the keys it depends on (recorded when admitted).")
 
 
 class RegisterChildren(BaseModel):
@@ -334,6 +342,8 @@ class LevelState(BaseModel):
         default=None, description="Capacity this level wants back; while set it lends nothing new.")
     agent_failures: dict[str, str] = Field(
         default_factory=dict, description="Managers: agents their supervisors gave up on (key -> reason).")
+    dependencies: dict[str, list[str]] = Field(
+        default_factory=dict, description="Managers: agent key -> the agents it depends on.")
     report_seq: int = 0
     created_at: datetime
     updated_at: datetime
@@ -457,6 +467,8 @@ class LevelState(BaseModel):
         verdict = self._enforce(check, cache)
         for key in new:
             self.admitted_agents[key] = req.request_id
+            if req.depends_on.get(key):
+                self.dependencies[key] = list(req.depends_on[key])
         self.updated_at = now
         return AdmitResult(verdict=verdict, added=new, agents=self.agent_count)
 
@@ -504,6 +516,7 @@ class LevelState(BaseModel):
             if req.owner is None or self.admitted_agents.get(key) == req.owner:
                 self.admitted_agents.pop(key, None)
                 self.agent_failures.pop(key, None)
+                self.dependencies.pop(key, None)
         self.updated_at = now
         return AdmitResult(verdict=Verdict(level=self.level.value, entity=self.entity_id, allowed=True),
                            agents=self.agent_count)
@@ -744,6 +757,10 @@ class LevelState(BaseModel):
         self.agent_failures[req.agent] = f"{req.supervisor}: {req.reason}"
         self.updated_at = now
         return self.view(now)
+
+    def dependents(self, key: str) -> list[str]:
+        """Agents (keys) that depend on agent ``key`` (managers)."""
+        return sorted(k for k, deps in self.dependencies.items() if key in deps)
 
     def watches_due(self) -> list[tuple[str, datetime]]:
         """Agents over their allocation whose overuse no EnforceAgentQuotas run watches yet."""

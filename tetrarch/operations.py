@@ -110,6 +110,10 @@ class SpawnAgentRequest(_Request):
     operation: OperationType = Field(
         default=OperationType.SPAWN, description="What the policies judge: spawn, or the lifecycle operation "
                                                  "this spawn is part of (clone, restore, split, merge).")
+    depends_on: list[str] = Field(
+        default_factory=list, description="Agents of the domain it needs; the spawn waits until they run.")
+    dependency_timeout_seconds: float = Field(default=60.0, ge=0, le=3600,
+                                              description="How long to wait for them before refusing.")
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -161,11 +165,15 @@ class BatchSpawnResult(BaseModel):
 
 
 class StopAgentRequest(_Request):
-    """Stop an agent cleanly and return its resources to its supervisor."""
+    """Stop an agent cleanly and return its resources to its supervisor.
+
+    Refused while other agents depend on it, unless ``cascade``: then they are stopped first.
+    """
 
     domain: str
     name: str
     reason: str = "requested"
+    cascade: bool = False
 
 
 class DomainResult(BaseModel):

@@ -11,6 +11,7 @@ added as further steps of the same saga.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -76,14 +77,7 @@ class SpawnAgentWorkflow:
 
     @workflow.run
     async def run(self, req: SpawnAgentRequest) -> AgentResult:
-        tags = [OPERATION_KEY.value_set("SpawnAgent"), DOMAIN_KEY.value_set(req.domain)]
-        if req.supervisor:
-            sup_name = req.supervisor
-            workflow.upsert_search_attributes([*tags, SUPERVISOR_KEY.value_set(sup_name)])
-        else:
-            workflow.upsert_search_attributes(tags)
-            sup_name = await self._place(req)
-            workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(sup_name)])
+        sup_name = await self._where(req)
         rid = request_id(req.request_id)
         orchestrator, manager = LevelRef.orchestrator(), LevelRef.manager(req.domain)
         supervisor = LevelRef.supervisor(req.domain, sup_name)
@@ -98,7 +92,9 @@ class SpawnAgentWorkflow:
                 or await self._default_resources(supervisor)
             check = PolicyCheck(operation=req.operation, domain=req.domain, supervisor=sup_name,
                                 agent=req.name, resources=resources)
-            admit = AdmitAgents(request_id=rid, agents=[key], check=check)
+            await self._await_dependencies(req)
+            admit = AdmitAgents(request_id=rid, agents=[key], check=check,
+                                depends_on={key: [f"{req.domain}/{dep}" for dep in req.depends_on]})
             # Compensations first, scoped to this request: they undo only what it took, so they are
             # safe whether the step ran, half-ran (cancelled) or found the agent already there.
             count_out = ReleaseAgents(request_id=f"{rid}/undo", agents=[key], owner=rid)
@@ -151,6 +147,41 @@ class SpawnAgentWorkflow:
             await saga.compensate()
             reraise(e)
 
+    async def _where(self, req: SpawnAgentRequest) -> str:
+        """Tag this run, and choose the supervisor when the request names none (placement)."""
+        tags = [OPERATION_KEY.value_set("SpawnAgent"), DOMAIN_KEY.value_set(req.domain)]
+        if req.supervisor:
+            workflow.upsert_search_attributes([*tags, SUPERVISOR_KEY.value_set(req.supervisor)])
+            return req.supervisor
+        workflow.upsert_search_attributes(tags)
+        chosen = await self._place(req)
+        workflow.upsert_search_attributes([SUPERVISOR_KEY.value_set(chosen)])
+        return chosen
+
+    @staticmethod
+    async def _await_dependencies(req: SpawnAgentRequest) -> None:
+        """``manageAgentDependencies``: wait (durably) until every agent this one depends on runs."""
+        if req.name in req.depends_on:
+            raise to_application_error(InvalidRequest(f"agent {req.name!r} cannot depend on itself",
+                                                      level="supervisor"))
+        deadline = workflow.now() + timedelta(seconds=req.dependency_timeout_seconds)
+        pause = 0.2
+        for dep in req.depends_on:
+            while True:
+                try:
+                    if (await steps.find_agent(LevelRef.agent(req.domain, dep))).running:
+                        break
+                except Exception as e:
+                    info = error_info(e)
+                    if info is None or info.code != NotFound.code:
+                        raise
+                if workflow.now() >= deadline:
+                    raise to_application_error(Conflict(
+                        f"agent {req.domain}/{dep}, which {req.name!r} depends on, is not running after "
+                        f"{req.dependency_timeout_seconds:g}s", level="supervisor", data={"dependency": dep}))
+                await workflow.sleep(timedelta(seconds=pause))
+                pause = min(2.0, pause * 2)
+
     @staticmethod
     def _params(image: AgentImage | None, req: SpawnAgentRequest) -> dict[str, Any]:
         """The agent's image parameters: the image's defaults with the request's overrides (refused if invalid)."""
@@ -184,6 +215,21 @@ class SpawnAgentWorkflow:
 class StopAgentWorkflow:
     """Stop (kill) an agent cleanly and return its slice and its counts, exactly once."""
 
+    @staticmethod
+    async def _stop_dependents(req: StopAgentRequest, rid: str) -> None:
+        """Refuse while agents depend on this one, unless cascading: then stop them first."""
+        dependents = [k.split("/", 1)[1] for k in (await steps.read_dependents(req.domain, req.name)).agents]
+        if not dependents:
+            return
+        if not req.cascade:
+            raise to_application_error(Conflict(
+                f"agents {', '.join(dependents)} depend on {req.domain}/{req.name}; stop them first or cascade",
+                level="supervisor", data={"dependents": dependents}))
+        await gather_all(*(workflow.execute_child_workflow(
+            StopAgentWorkflow.run, StopAgentRequest(domain=req.domain, name=d, cascade=True, request_id=f"{rid}/{d}",
+                                                    reason=f"cascade: {req.name} stops"),
+            id=f"{workflow.info().workflow_id}/cascade/{d}") for d in dependents))
+
     @workflow.run
     async def run(self, req: StopAgentRequest) -> RemovalResult:
         workflow.upsert_search_attributes([OPERATION_KEY.value_set("StopAgent"),
@@ -196,6 +242,9 @@ class StopAgentWorkflow:
         if found.running:
             await judge_everywhere(req.domain, spec.supervisor, PolicyCheck(
                 operation=OperationType.KILL, domain=req.domain, supervisor=spec.supervisor, agent=req.name))
+            # Runs recorded before dependencies existed went straight on (their histories replay unchanged).
+            if workflow.patched("stop-agent-checks-dependents"):
+                await self._stop_dependents(req, rid)
             saga = Saga()
             try:
                 saga.add(f"reactivate {req.name}", lambda: steps.cancel_child_removal(supervisor, req.name, rid))

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         AdmitAgents,
         AdmitResult,
         AgentFailure,
+        AgentList,
         BeginRemoval,
         ChildLookup,
         ChildRef,
@@ -437,6 +438,11 @@ class ManagementEntity(EntityLoop):
     def link(self) -> ChainLink:
         """This level as a link of a policy chain: its policy, pool and live agent count."""
         return self.state.link()
+
+    @workflow.query
+    def dependents(self, ref: ChildRef) -> AgentList:
+        """Managers: the agents (``<domain>/<agent>``) that depend on agent ``ref.name`` (a key)."""
+        return AgentList(agents=self.state.dependents(ref.name))
 
     @workflow.query
     def ledger(self) -> LedgerSnapshot:

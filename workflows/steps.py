@@ -59,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.level import (
         AdmitAgents,
         AdmitResult,
+        AgentList,
         BeginRemoval,
         ChildLookup,
         ChildRef,
@@ -354,4 +355,11 @@ async def run_task_attempt(call: RunTask) -> TaskResult:
     result: TaskResult = await workflow.execute_activity_method(
         AgentActivities.run_task, call, task_queue=queues().for_level(Level.AGENT),
         start_to_close_timeout=timedelta(seconds=call.task.timeout_seconds + 60), retry_policy=ENTITY_CALL_RETRY)
+    return result
+
+
+async def read_dependents(domain: str, agent: str) -> AgentList:
+    """The agents of ``domain`` that depend on ``agent``."""
+    result: AgentList = await _run(LevelActivities.read_dependents,
+                                   ChildQuery(target=LevelRef.manager(domain), name=f"{domain}/{agent}"), Level.MANAGER)
     return result
