@@ -623,12 +623,14 @@ def agent() -> None:
               help="With SUPERVISOR '-': how the domain places it (default: the domain policy's, else spread).")
 @click.option("--image", default=None, help="The signed image it runs: name[@version] in the image store, or a path.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="An image parameter (JSON value).")
+@click.option("--depends-on", "depends_on", multiple=True, metavar="AGENT",
+              help="An agent of the domain it needs: the spawn waits until it runs.")
 @click.option("--request-id", default="")
 @json_option
 @click.pass_obj
 def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu: str | None,
                 memory: str | None, gpu: int | None, priority: int, placement: str | None, image: str | None,
-                params: tuple[str, ...], request_id: str) -> None:
+                params: tuple[str, ...], depends_on: tuple[str, ...], request_id: str) -> None:
     """Spawn agent NAME under SUPERVISOR of DOMAIN (default 1 CPU / 1Gi); SUPERVISOR '-' lets the domain place it.
 
     What the supervisor's pool cannot pay is borrowed from the domain's pool, then the global pool.
@@ -636,7 +638,7 @@ def agent_spawn(ctx: Ctx, domain_name: str, supervisor_name: str, name: str, cpu
     req = SpawnAgentRequest(domain=domain_name, supervisor=None if supervisor_name == "-" else supervisor_name,
                             name=name, resources=_resources(cpu, memory, gpu, None), request_id=request_id,
                             priority=priority, placement=PlacementStrategy(placement) if placement else None,
-                            image=image, params=_params(params))
+                            image=image, params=_params(params), depends_on=list(depends_on))
     r = _run(ctx, lambda tc: tc.spawn_agent(req))
     borrowed = f", {r.borrowed.human()} borrowed from above" if r.borrowed and not r.borrowed.is_zero() else ""
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} {'spawned' if r.created else 'already running'} "
@@ -850,11 +852,12 @@ def agent_usage(ctx: Ctx, domain_name: str, name: str, cpu: str | None, memory: 
 @agent.command("stop")
 @click.argument("domain_name", metavar="DOMAIN")
 @click.argument("name")
+@click.option("--cascade", is_flag=True, help="Stop the agents that depend on it first.")
 @json_option
 @click.pass_obj
-def agent_stop(ctx: Ctx, domain_name: str, name: str) -> None:
-    """Stop agent NAME of DOMAIN cleanly and release its resources."""
-    r = _run(ctx, lambda tc: tc.stop_agent(StopAgentRequest(domain=domain_name, name=name)))
+def agent_stop(ctx: Ctx, domain_name: str, name: str, cascade: bool) -> None:
+    """Stop agent NAME of DOMAIN cleanly and release its resources (refused while others depend on it)."""
+    r = _run(ctx, lambda tc: tc.stop_agent(StopAgentRequest(domain=domain_name, name=name, cascade=cascade)))
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} stopped; released "
                           f"{r.released.human() if r.released else 'nothing'}")
 
