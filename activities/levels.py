@@ -8,6 +8,7 @@ acts on, so that level's worker process is the service that does the work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from temporalio import activity
@@ -43,6 +44,7 @@ from tetrarch.calls import (
     RemovalCall,
     ReserveCall,
     SetPolicyCall,
+    StartOperation,
     StartQuotaWatch,
     TransferCall,
 )
@@ -297,6 +299,18 @@ class LevelActivities:
         """The agents that depend on one agent, as its domain's manager records them."""
         return await query(self.client, call.target, ManagementEntity.dependents, AgentList,
                            arg=ChildRef(name=call.name))
+
+    @activity.defn
+    async def start_operation(self, call: StartOperation) -> str:
+        """Start an operation workflow for an entity (an agent's own request); its id either way."""
+        here = activity.info().task_queue  # <prefix>supervisor: the operation runs on <prefix><level>
+        queue = here[: -len(Level.SUPERVISOR.value)] + call.level if here.endswith(Level.SUPERVISOR.value) else here
+        # Started by an earlier attempt, or a repeated request: the same operation either way.
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await self.client.start_workflow(
+                call.workflow, call.input, id=call.workflow_id, task_queue=queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
+        return call.workflow_id
 
     @activity.defn
     async def placement_candidates(self, call: PlacementQuery) -> PlacementInfo:

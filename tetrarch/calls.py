@@ -271,3 +271,12 @@ class Liveness(BaseModel):
     """The agents found crashed."""
 
     crashed: list[CrashedAgent] = Field(default_factory=list)
+
+
+class StartOperation(BaseModel):
+    """Start an operation workflow (by type) with a JSON input, once per workflow id."""
+
+    workflow: str
+    input: dict[str, Any]
+    workflow_id: str
+    level: str = Field(default="supervisor", description="The level whose task queue runs it.")

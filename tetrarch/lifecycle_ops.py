@@ -5,7 +5,7 @@ Public API like :mod:`tetrarch.operations`: exported as JSON Schema, usable from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,3 +96,23 @@ class LifecycleResult(BaseModel):
     image: str | None = None
     previous_image: str | None = None
     intents: list[str] = Field(default_factory=list)
+
+
+class SelfRequest(BaseModel):
+    """An agent asks its supervisor for a lifecycle operation on itself (``requestLifecycleOperation``):
+    judged by the policies like any other; ``clone`` and ``split`` name the result(s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = ""
+    operation: Literal["checkpoint", "clone", "split", "stop"]
+    name: str | None = Field(default=None, description="clone: the new agent's name.")
+    parts: int | None = Field(default=None, description="split: how many parts.")
+    reason: str = ""
+
+
+class SelfRequestResult(BaseModel):
+    """The operation started for the agent: its workflow id, to follow in the UI or wait for."""
+
+    operation: str
+    workflow_id: str

@@ -36,6 +36,8 @@ from tetrarch.lifecycle_ops import (
     LifecycleResult,
     MergeRequest,
     RestoreRequest,
+    SelfRequest,
+    SelfRequestResult,
     SpecializeRequest,
     SplitRequest,
     UpgradeRequest,
@@ -334,6 +336,30 @@ class TetrarchClient:
                                       else ErrorInfo.model_validate(detail)) from None
             raise
         return result
+
+    async def request_operation(self, domain: str, agent: str, req: SelfRequest) -> SelfRequestResult:
+        """An agent asks its supervisor for an operation on itself; the operation's workflow id comes back."""
+        target = LevelRef.agent(domain, agent)
+        await self._query(target, AgentWorkflow.describe, AgentState)
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        try:
+            result: SelfRequestResult = await handle.execute_update(AgentWorkflow.request_operation, req)
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            if isinstance(cause, ApplicationError) and cause.details:
+                detail = cause.details[0]
+                raise error_from_info(detail if isinstance(detail, ErrorInfo)
+                                      else ErrorInfo.model_validate(detail)) from None
+            raise
+        return result
+
+    async def operation_result(self, workflow_id: str, result_type: type[R]) -> R:
+        """Wait for an operation started elsewhere (an agent's own request) and return its result."""
+        handle = self.client.get_workflow_handle(workflow_id, result_type=result_type)
+        try:
+            return await handle.result()  # type: ignore[no-any-return]
+        except WorkflowFailureError as e:
+            raise error_from_failure(e) from None
 
     # -- resources ----------------------------------------------------------------------------------
 

@@ -57,6 +57,8 @@ from tetrarch.lifecycle_ops import (
     LifecycleResult,
     MergeRequest,
     RestoreRequest,
+    SelfRequest,
+    SelfRequestResult,
     SpecializeRequest,
     SplitRequest,
     UpgradeRequest,
@@ -215,6 +217,8 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
     ApiEntry("update", "checkpoint", "Agent", TakeCheckpoint, Checkpoint, "A checkpoint of the agent as it is."),
     ApiEntry("update", "switch_image", "Agent", SwitchImage, AgentState,
              "Run another verified image (upgrade, specialize)."),
+    ApiEntry("update", "request_operation", "Agent", SelfRequest, SelfRequestResult,
+             "The agent asks its supervisor to checkpoint, clone, split or stop it (requestLifecycleOperation)."),
     ApiEntry("update", "execute_task", "Agent", TaskInput, TaskResult,
              "Run a task of the agent's image in a child process under its allocation (executeTask)."),
 )

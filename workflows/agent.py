@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 
@@ -26,9 +27,10 @@ with workflow.unsafe.imports_passed_through():
         Throttle,
         UsageReport,
     )
-    from tetrarch.calls import RunTask
+    from tetrarch.calls import RunTask, StartOperation
     from tetrarch.errors import Conflict, InvalidRequest, TetrarchError
     from tetrarch.images import validate_intent_input
+    from tetrarch.lifecycle_ops import SelfRequest, SelfRequestResult
     from tetrarch.models import AgentStatus, LevelRef, LevelSummary
     from tetrarch.names import Level, supervisor_id
     from tetrarch.operations import AgentInput
@@ -221,6 +223,38 @@ class AgentWorkflow(EntityLoop):
             raise to_application_error(Conflict(
                 f"{self.state.entity_id} is {self.state.status.value}; its image cannot change",
                 level="agent", entity=self.state.entity_id))
+
+    @workflow.update
+    async def request_operation(self, req: SelfRequest) -> SelfRequestResult:
+        """``requestLifecycleOperation``: this agent asks its supervisor to checkpoint, clone, split or stop
+        it. The operation runs as its own workflow, judged by the policies like any other."""
+        d, me = self.state.spec.domain, self.state.spec.name
+        rid = req.request_id or str(workflow.uuid4())[:12]
+        ops: dict[str, tuple[str, str, dict[str, Any]]] = {
+            "checkpoint": ("CheckpointAgent", me, {"domain": d, "name": me, "label": req.reason}),
+            "clone": ("CloneAgent", req.name or "", {"domain": d, "source": me, "name": req.name}),
+            "split": ("SplitAgent", me, {"domain": d, "name": me, "parts": req.parts}),
+            "stop": ("StopAgent", me, {"domain": d, "name": me, "reason": req.reason or "asked by itself"}),
+        }
+        kind, target, body = ops[req.operation]
+        wf_id = f"op/{req.operation}/{d}/{target}/{rid}"
+        await workflow.execute_activity(
+            "start_operation", StartOperation(workflow=kind, input={**body, "request_id": rid}, workflow_id=wf_id),
+            result_type=str, task_queue=queues().for_level(Level.SUPERVISOR),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=ENTITY_CALL_RETRY)
+        return SelfRequestResult(operation=req.operation, workflow_id=wf_id)
+
+    @request_operation.validator
+    def _validate_request_operation(self, req: SelfRequest) -> None:
+        problem = None
+        if self.state.status is not AgentStatus.RUNNING:
+            problem = f"{self.state.entity_id} is {self.state.status.value}"
+        elif req.operation == "clone" and not req.name:
+            problem = "a clone needs the new agent's name"
+        elif req.operation == "split" and (req.parts is None or req.parts < 2):
+            problem = f"a split needs at least 2 parts, not {req.parts}"
+        if problem:
+            raise to_application_error(InvalidRequest(problem, level="agent", entity=self.state.entity_id))
 
     @workflow.query
     def describe(self) -> AgentState:

@@ -15,14 +15,16 @@ from temporalio.client import Client
 from tests.conftest import domain_name
 from tests.workflow.helpers import assert_only_entities_running, res
 from tetrarch.agent import TaskInput
-from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
+from tetrarch.errors import Conflict, InvalidRequest, NotFound, PolicyDenied, TetrarchError
 from tetrarch.image_store import DEFAULT_IMAGE_DIR
 from tetrarch.images import Narrowing, ParameterRange, sign_image
 from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
+    LifecycleResult,
     MergeRequest,
     RestoreRequest,
+    SelfRequest,
     SpecializeRequest,
     SplitRequest,
     UpgradeRequest,
@@ -31,11 +33,13 @@ from tetrarch.models import AgentStatus
 from tetrarch.operations import (
     CreateDomainRequest,
     CreateSupervisorRequest,
+    RemovalResult,
     RemoveDomainRequest,
+    SetPolicyRequest,
     SpawnAgentRequest,
     StopAgentRequest,
 )
-from tetrarch.policy import ImagePolicy, Policy
+from tetrarch.policy import ImagePolicy, OperationType, Policy
 from tetrarch.resources import Resources
 from tetrarch_cli.client import TetrarchClient
 
@@ -223,4 +227,29 @@ async def test_merge_combines_states_and_sums_allocations(tc: TetrarchClient, cl
             await tc.agent_status(d, gone)
     await assert_only_entities_running(client, d, {f"manager/{d}", f"supervisor/{d}/s1", f"supervisor/{d}/s2",
                                                    f"agent/{d}/ab", f"agent/{d}/calc"})
+    await finish(tc, d)
+
+
+async def test_an_agent_asks_for_operations_on_itself(tc: TetrarchClient) -> None:
+    """requestLifecycleOperation: judged by the policies like any other operation."""
+    d = await domain(tc, "self")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer"))
+    await summarize(tc, d, "a", "d1")
+    with pytest.raises(InvalidRequest):
+        await tc.request_operation(d, "a", SelfRequest(operation="split", parts=1))
+    started = await tc.request_operation(d, "a", SelfRequest(operation="clone", name="a-twin"))
+    assert started.workflow_id.startswith(f"op/clone/{d}/a-twin/")
+    cloned = await tc.operation_result(started.workflow_id, LifecycleResult)
+    assert cloned.agents == ["a-twin"] and (await tc.agent_status(d, "a-twin")).memory == {"work_items": ["d1"]}
+    # A policy that denies clones refuses the agent's own request too.
+    await tc.set_policy(SetPolicyRequest(domain=d, policy=Policy(
+        images=ImagePolicy(trusted_signers=frozenset({DEMO_KEY})), denied_operations=frozenset({OperationType.CLONE}))))
+    denied = await tc.request_operation(d, "a", SelfRequest(operation="clone", name="a-third"))
+    with pytest.raises(PolicyDenied) as e:
+        await tc.operation_result(denied.workflow_id, LifecycleResult)
+    assert e.value.level == "manager"
+    stop = await tc.request_operation(d, "a", SelfRequest(operation="stop", reason="done with my work"))
+    await tc.operation_result(stop.workflow_id, RemovalResult)
+    with pytest.raises(NotFound):
+        await tc.agent_status(d, "a")
     await finish(tc, d)
