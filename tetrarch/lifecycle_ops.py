@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tetrarch.images import Narrowing
+from tetrarch.resources import Resources
 
 
 class _Request(BaseModel):
@@ -116,3 +117,35 @@ class SelfRequestResult(BaseModel):
 
     operation: str
     workflow_id: str
+
+
+class CoordinatedOp(BaseModel):
+    """One operation of a coordinated set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Literal["spawn", "stop", "checkpoint", "clone", "upgrade", "specialize"]
+    agent: str = Field(description="The agent it acts on (spawn, clone: the new one).")
+    source: str | None = Field(default=None, description="clone: the agent copied.")
+    image: str | None = Field(default=None, description="spawn, upgrade: the image.")
+    resources: Resources | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list, description="spawn: agents it needs.")
+    narrowing: Narrowing | None = Field(default=None, description="specialize: what the agent keeps.")
+
+
+class CoordinateRequest(_Request):
+    """``coordinateAgentOperations``: operations on agents of one supervisor, applied as one saga in
+    dependency order, all or none (what was done is undone if one fails)."""
+
+    domain: str
+    supervisor: str
+    operations: list[CoordinatedOp] = Field(min_length=1, max_length=100)
+
+
+class CoordinateResult(BaseModel):
+    """The operations in the order they ran."""
+
+    domain: str
+    supervisor: str
+    order: list[str] = Field(description="'<op> <agent>' in the order applied.")

@@ -33,6 +33,8 @@ from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
+    CoordinateRequest,
+    CoordinateResult,
     LifecycleResult,
     MergeRequest,
     RestoreRequest,
@@ -84,6 +86,7 @@ from workflows.agent import AgentWorkflow
 from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
 from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
+from workflows.coordination import CoordinateAgentOperationsWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagementEntity
 from workflows.lifecycle import (
@@ -268,6 +271,11 @@ class TetrarchClient:
         """Split a running agent into N; the original stops once they run."""
         return await self._execute(SplitAgentWorkflow.run, req, Level.SUPERVISOR, "split",
                                    f"{req.domain}/{req.name}", LifecycleResult)
+
+    async def coordinate(self, req: CoordinateRequest) -> CoordinateResult:
+        """Apply operations on one supervisor's agents as one saga, in dependency order, all or none."""
+        return await self._execute(CoordinateAgentOperationsWorkflow.run, req, Level.SUPERVISOR, "coordinate",
+                                   f"{req.domain}/{req.supervisor}", CoordinateResult)
 
     async def stop_agent(self, req: StopAgentRequest) -> RemovalResult:
         """Stop an agent cleanly and release its resources."""

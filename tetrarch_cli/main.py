@@ -35,6 +35,7 @@ from tetrarch.images import Narrowing, ParameterRange
 from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
+    CoordinateRequest,
     MergeRequest,
     RestoreRequest,
     SpecializeRequest,
@@ -831,6 +832,24 @@ def agent_split(ctx: Ctx, domain_name: str, name: str, parts: int) -> None:
     """Split agent NAME into PARTS agents NAME-1..PARTS (state dealt out, allocation divided)."""
     r = _run(ctx, lambda tc: tc.split_agent(SplitRequest(domain=domain_name, name=name, parts=parts)))
     _emit(ctx, r, lambda: f"agent {domain_name}/{name} split into {', '.join(r.agents)}")
+
+
+@agent.command("coordinate")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("supervisor_name", metavar="SUPERVISOR")
+@click.option("--file", "file_", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
+              help="YAML or JSON: a list of operations ({op, agent, source?, image?, resources?, depends_on?}).")
+@json_option
+@click.pass_obj
+def agent_coordinate(ctx: Ctx, domain_name: str, supervisor_name: str, file_: Path) -> None:
+    """Apply a set of operations on SUPERVISOR's agents as one saga, in dependency order, all or none."""
+    try:
+        ops = yaml.safe_load(file_.read_text())
+        req = CoordinateRequest(domain=domain_name, supervisor=supervisor_name, operations=ops)
+    except (yaml.YAMLError, ValidationError) as e:
+        raise click.BadParameter(str(e), param_hint="--file") from None
+    r = _run(ctx, lambda tc: tc.coordinate(req))
+    _emit(ctx, r, lambda: "applied, in order: " + "; ".join(r.order))
 
 
 @agent.command("usage")

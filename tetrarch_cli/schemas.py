@@ -54,6 +54,8 @@ from tetrarch.level import (
 from tetrarch.lifecycle_ops import (
     CheckpointRequest,
     CloneRequest,
+    CoordinateRequest,
+    CoordinateResult,
     LifecycleResult,
     MergeRequest,
     RestoreRequest,
@@ -152,6 +154,8 @@ PUBLIC_API: tuple[ApiEntry, ...] = (
              "Merge running agents of one domain into one (states combined, allocations summed)."),
     ApiEntry("workflow", "SplitAgent", "supervisor", SplitRequest, LifecycleResult,
              "Split a running agent into N (state dealt out, allocation divided)."),
+    ApiEntry("workflow", "CoordinateAgentOperations", "supervisor", CoordinateRequest, CoordinateResult,
+             "Operations on one supervisor's agents as one saga, in dependency order, all or none."),
     ApiEntry("workflow", "StopAgent", "supervisor", StopAgentRequest, RemovalResult,
              "Stop an agent cleanly and release its resources."),
     ApiEntry("workflow", "SetPolicy", "orchestrator, manager, supervisor", SetPolicyRequest,

@@ -14,6 +14,7 @@ from workflows.agent import AgentWorkflow
 from workflows.agents import SpawnAgentWorkflow, StopAgentWorkflow
 from workflows.batch import BatchSpawnAgentsWorkflow
 from workflows.bootstrap import ApplyHierarchyWorkflow
+from workflows.coordination import CoordinateAgentOperationsWorkflow
 from workflows.domains import ConfigureDomainWorkflow, CreateDomainWorkflow, RemoveDomainWorkflow
 from workflows.levels import ManagerWorkflow, OrchestratorWorkflow, SupervisorWorkflow
 from workflows.lifecycle import (
@@ -49,7 +50,8 @@ WORKFLOWS_BY_LEVEL: dict[Level, Sequence[type]] = {
     Level.SUPERVISOR: (SupervisorWorkflow, SpawnAgentWorkflow, StopAgentWorkflow, SetPolicyWorkflow,
                        AllocateResourcesWorkflow, ReleaseResourcesWorkflow, EnforceAgentQuotasWorkflow,
                        BatchSpawnAgentsWorkflow, CheckpointAgentWorkflow, RestoreAgentWorkflow, CloneAgentWorkflow,
-                       UpgradeAgentWorkflow, SpecializeAgentWorkflow, MergeAgentsWorkflow, SplitAgentWorkflow),
+                       UpgradeAgentWorkflow, SpecializeAgentWorkflow, MergeAgentsWorkflow, SplitAgentWorkflow,
+                       CoordinateAgentOperationsWorkflow),
     Level.AGENT: (AgentWorkflow,),
 }
 
