@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from tetrarch.calls import (
     DiscardAgentCall,
     Liveness,
     LivenessQuery,
+    RestartAgentCall,
     RunTask,
     StartAgents,
     StartedAgent,
@@ -142,21 +144,41 @@ class AgentActivities:
             st = desc.status.name if desc.status is not None else "UNKNOWN"
             return None if st == "RUNNING" else CrashedAgent(name=name, status=st)
 
-        found = await asyncio.gather(*(status(n) for n in suspects))
-        return Liveness(crashed=[c for c in found if c is not None])
+        found = list(await asyncio.gather(*(status(n) for n in suspects)))
+        crashed = {c.name for c in found if c is not None}
+        hung = [CrashedAgent(name=n, status="SILENT") for n in call.silent if n not in crashed]
+        return Liveness(crashed=[c for c in found if c is not None] + hung)
 
     @activity.defn
-    async def restart_agent(self, target: LevelRef) -> AgentState:
-        """Start a crashed agent again from its last checkpoint (its last state if it has none)."""
-        found = await self.find_agent(target)
-        if found.running:
-            return found.state
-        last = found.state
+    async def restart_agent(self, call: RestartAgentCall) -> AgentState:
+        """Start a crashed agent again from its last checkpoint (its last state if it has none); a silent
+        one still running (hung: its run makes no progress) is terminated first."""
+        target = call.target
+        handle = self.client.get_workflow_handle(target.entity_id)
+        desc = await handle.describe()
+        running = desc.status is not None and desc.status.name == "RUNNING"
+        if running and not call.silent:
+            return (await self.find_agent(target)).state  # restarted meanwhile
+        if running:
+            await handle.terminate("silent: restarted by its supervisor")
+        last = await self._last_state(target, desc.run_id, queryable=not call.silent)
         memory = last.checkpoints[-1].memory if last.checkpoints else last.memory
         now = datetime.now(UTC)
         fresh = last.model_copy(update={"status": AgentStatus.STARTING, "status_reason": "restarted after a crash",
                                         "memory": memory, "started_at": now, "updated_at": now})
         return await self.start_agent(AgentInput(agent_state=fresh))
+
+    async def _last_state(self, target: LevelRef, run_id: str | None, queryable: bool) -> AgentState:
+        """The agent's last state: asked of its ended run when a worker can answer, else the state its run
+        started from (the last one durably recorded: a hung agent's worker answers nothing)."""
+        if queryable:
+            with contextlib.suppress(Exception):
+                return (await asyncio.wait_for(self.find_agent(target), timeout=5)).state
+        history = await self.client.get_workflow_handle(target.entity_id, run_id=run_id).fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        inp = (await self.client.data_converter.decode(started.input.payloads, [AgentInput]))[0]
+        assert isinstance(inp, AgentInput)
+        return inp.agent_state
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

@@ -253,11 +253,13 @@ class SwitchImageCall(BaseModel):
 
 
 class LivenessQuery(BaseModel):
-    """Which of these agents of a supervisor have a workflow that ended without a clean stop."""
+    """Which of these agents of a supervisor have a workflow that ended without a clean stop, and which of
+    the ``silent`` ones (not heard from for too long) still run: those are hung."""
 
     domain: str
     supervisor: str
     agents: list[str]
+    silent: list[str] = Field(default_factory=list)
 
 
 class CrashedAgent(BaseModel):
@@ -280,3 +282,10 @@ class StartOperation(BaseModel):
     input: dict[str, Any]
     workflow_id: str
     level: str = Field(default="supervisor", description="The level whose task queue runs it.")
+
+
+class RestartAgentCall(BaseModel):
+    """Restart an agent from its last checkpoint; a silent one (running but hung) is terminated first."""
+
+    target: LevelRef
+    silent: bool = False

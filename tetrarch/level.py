@@ -758,6 +758,18 @@ class LevelState(BaseModel):
         self.updated_at = now
         return self.view(now)
 
+    def silent_agents(self, now: datetime, silence_seconds: float) -> list[str]:
+        """Active agents not heard from for ``silence_seconds`` (by their last report), newest checks first."""
+        if not silence_seconds:
+            return []
+        out = []
+        for name, c in self.children.items():
+            seen = c.last_report.reported_at if c.last_report is not None else None
+            if c.status is ChildStatus.ACTIVE and c.failed is None and seen is not None \
+                    and (now - seen).total_seconds() > silence_seconds:
+                out.append(name)
+        return sorted(out)
+
     def dependents(self, key: str) -> list[str]:
         """Agents (keys) that depend on agent ``key`` (managers)."""
         return sorted(k for k, deps in self.dependencies.items() if key in deps)

@@ -112,6 +112,7 @@ class SpawnAgentRequest(_Request):
                                                  "this spawn is part of (clone, restore, split, merge).")
     depends_on: list[str] = Field(
         default_factory=list, description="Agents of the domain it needs; the spawn waits until they run.")
+    settings: EntitySettings | None = Field(default=None, description="Tuning of its entity (heartbeat, ...).")
     dependency_timeout_seconds: float = Field(default=60.0, ge=0, le=3600,
                                               description="How long to wait for them before refusing.")
     image: str | None = None
@@ -227,7 +228,11 @@ class EntitySettings(BaseModel):
     policy_cache_ttl_seconds: float = Field(
         default=0.1, ge=0, description="How long a policy decision is reused (the seed's 100 ms).")
     failure_check_seconds: float = Field(
-        default=10.0, ge=0, description="Supervisors: how often they look for crashed agents (0: never).")
+        default=10.0, ge=0, description="Supervisors: how often they look for crashed or silent agents (0: never).")
+    heartbeat_seconds: float = Field(
+        default=30.0, ge=0, description="Agents: the longest they stay silent (a report even if nothing changed).")
+    silence_seconds: float = Field(
+        default=120.0, ge=0, description="Supervisors: an agent not heard from for this long is restarted (0: never).")
 
 
 class LevelInput(BaseModel):

@@ -81,6 +81,15 @@ class AgentWorkflow(EntityLoop):
         self.state.continued_as_new += 1
         return AgentInput(agent_state=self.state, settings=self.settings)
 
+    def _periodic_seconds(self) -> float | None:
+        if not self.settings.heartbeat_seconds or not workflow.patched("agent-heartbeat"):
+            return None  # runs recorded before heartbeats existed set no timer (they replay unchanged)
+        return self.settings.heartbeat_seconds
+
+    async def _periodic(self) -> None:
+        """A heartbeat: report even though nothing changed, so the supervisor knows this agent is alive."""
+        self._dirty = True
+
     def _tag(self) -> None:
         """Keep the AgentStatus search attribute in step with the state."""
         if self._tagged_status is self.state.status:

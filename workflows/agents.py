@@ -27,7 +27,14 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.level import AdmitAgents, RegisterChild, RegisterResult, ReleaseAgents
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
-    from tetrarch.operations import AgentInput, AgentResult, RemovalResult, SpawnAgentRequest, StopAgentRequest
+    from tetrarch.operations import (
+        AgentInput,
+        AgentResult,
+        EntitySettings,
+        RemovalResult,
+        SpawnAgentRequest,
+        StopAgentRequest,
+    )
     from tetrarch.placement import place
     from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
     from tetrarch.resources import Resources
@@ -136,7 +143,8 @@ class SpawnAgentWorkflow:
             target = LevelRef.agent(req.domain, req.name)
             saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(
-                spec=spec, memory=req.memory, started_at=now, updated_at=now)))
+                spec=spec, memory=req.memory, started_at=now, updated_at=now),
+                settings=req.settings or EntitySettings()))
             if state.spec.supervisor != sup_name:
                 raise to_application_error(Conflict(
                     f"agent {req.domain}/{req.name} already runs under supervisor {state.spec.supervisor}",

@@ -20,7 +20,7 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     import pydantic
 
-    from tetrarch.calls import Liveness, LivenessQuery, StartQuotaWatch, ThrottleCall
+    from tetrarch.calls import Liveness, LivenessQuery, RestartAgentCall, StartQuotaWatch, ThrottleCall
     from tetrarch.decisions import ChainLink, DecisionCache, PolicyCheck, Verdict
     from tetrarch.errors import TetrarchError
     from tetrarch.level import (
@@ -251,9 +251,11 @@ class ManagementEntity(EntityLoop):
         assert self.state.domain is not None
         names = sorted(n for n, c in self.state.children.items()
                        if c.status is ChildStatus.ACTIVE and c.failed is None)
+        silent = self.state.silent_agents(workflow.now(), self.settings.silence_seconds)
         try:
             found: Liveness = await workflow.execute_activity(
-                "agent_liveness", LivenessQuery(domain=self.state.domain, supervisor=self.state.name, agents=names),
+                "agent_liveness", LivenessQuery(domain=self.state.domain, supervisor=self.state.name, agents=names,
+                                                silent=silent),
                 result_type=Liveness, task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=_CALL,
                 retry_policy=_FEW)
         except Exception as e:
@@ -270,7 +272,8 @@ class ManagementEntity(EntityLoop):
                     if decision.backoff_seconds:
                         await workflow.sleep(timedelta(seconds=decision.backoff_seconds))
                     await workflow.execute_activity(
-                        "restart_agent", LevelRef.agent(self.state.domain, crash.name),
+                        "restart_agent", RestartAgentCall(target=LevelRef.agent(self.state.domain, crash.name),
+                                                          silent=crash.status == "SILENT"),
                         task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=_CALL, retry_policy=_FEW)
                 else:
                     await workflow.execute_activity(

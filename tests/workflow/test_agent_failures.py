@@ -3,6 +3,8 @@ supervisor, at most ``intensity`` times per period; past that it is given up on 
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio.client import Client
 
 from tests.conftest import domain_name
@@ -12,6 +14,7 @@ from tetrarch.image_store import DEFAULT_IMAGE_DIR
 from tetrarch.lifecycle_ops import CheckpointRequest
 from tetrarch.models import AgentStatus, Health
 from tetrarch.operations import (
+    AgentInput,
     CreateDomainRequest,
     CreateSupervisorRequest,
     EntitySettings,
@@ -20,6 +23,7 @@ from tetrarch.operations import (
 )
 from tetrarch.policy import ImagePolicy, Policy, RestartPolicy
 from tetrarch_cli.client import TetrarchClient
+from workflows.agent import AgentWorkflow
 
 DEMO_KEY = (DEFAULT_IMAGE_DIR / "demo-key.pub").read_text().strip()
 TEXT = "Durable workflows survive crashes. Lunch was at noon. Workflows replay their history after crashes."
@@ -86,4 +90,35 @@ async def test_past_its_intensity_an_agent_is_given_up_on_and_reported(tc: Tetra
     sup = await tc.supervisor_status(d, "s")
     assert sup.children[0].failed is not None and sup.health is Health.DEGRADED
     # Given up on, it is not restarted again; stopping it releases what it held.
+    await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
+
+
+async def test_a_silent_agent_is_restarted(tc: TetrarchClient, client: Client) -> None:
+    """An agent whose run no longer makes progress (here: a run on a queue no worker polls, so it never
+    reports) is silent; past ``silence_seconds`` its supervisor terminates it and starts it again."""
+    d = domain_name("silent")
+    await tc.create_domain(CreateDomainRequest(domain=d, resources=res(10)))
+    await tc.create_supervisor(CreateSupervisorRequest(
+        domain=d, name="s", resources=res(4), policy=Policy(restart=RestartPolicy(backoff_seconds=0)),
+        settings=EntitySettings(failure_check_seconds=0.5, silence_seconds=3)))
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s", name="a", resources=res(1),
+                                           settings=EntitySettings(heartbeat_seconds=0.5)))
+    await asyncio.sleep(2)
+    assert (await tc.supervisor_status(d, "s")).children[0].restarts == 0, "heartbeats keep it alive"
+
+    handle = client.get_workflow_handle(f"agent/{d}/a")
+    state = await tc.agent_status(d, "a")
+    await handle.terminate("replaced by a hung run")
+    hung = await client.start_workflow(AgentWorkflow.run, AgentInput(agent_state=state), id=f"agent/{d}/a",
+                                       task_queue="nobody-polls-this-queue")
+
+    async def run_id() -> str:
+        return (await handle.describe()).run_id or ""
+
+    restarted = await eventually(run_id, lambda r: r != hung.result_run_id, within=20)
+    assert restarted != hung.result_run_id
+    back = await eventually(lambda: tc.agent_status(d, "a"), lambda s: s.status is AgentStatus.RUNNING, within=10)
+    assert back.status is AgentStatus.RUNNING
+    sup = await tc.supervisor_status(d, "s")
+    assert sup.children[0].restarts >= 1 and sup.children[0].failed is None
     await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
