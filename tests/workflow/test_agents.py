@@ -64,10 +64,10 @@ async def test_spawn_and_stop_with_accounting(tc: TetrarchClient, client: Client
     assert (a1.spec.domain, a1.spec.supervisor, a1.spec.name, a1.spec.resources) == (d, "s1", "a1", res(1))
 
     await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a2", resources=res(2, 4),
-                                           image="demo:1", labels={"team": "x"}))
+                                           image="calculator@1.0.0", labels={"team": "x"}))
     a2 = await tc.agent_status(d, "a2")
     assert a2.status is AgentStatus.RUNNING
-    assert a2.spec.resources == res(2, 4) and a2.spec.image == "demo:1" and a2.spec.labels == {"team": "x"}
+    assert a2.spec.resources == res(2, 4) and a2.spec.image == "calculator@1.0.0" and a2.spec.labels == {"team": "x"}
     assert (await tc.supervisor_status(d, "s1")).pool == PoolView(capacity=res(6), granted=res(3, 5),
                                                                   free=res(3, 1))
     assert [c.name for c in await tc.list_agents(d, "s1")] == ["a1", "a2"]
