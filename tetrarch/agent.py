@@ -203,7 +203,8 @@ class AgentState(BaseModel):
         return LevelSummary(entity_id=self.entity_id, level=Level.AGENT, name=self.spec.name,
                             seq=self.report_seq, health=health, status=self.status.value,
                             resources=self.spec.resources, agents_by_status={self.status.value: 1},
-                            used=self.used, reported_at=now)
+                            used=self.used, tasks_completed=self.tasks_completed, tasks_failed=self.tasks_failed,
+                            reported_at=now)
 
 
 class AgentLookup(BaseModel):

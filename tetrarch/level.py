@@ -953,6 +953,8 @@ class LevelState(BaseModel):
         by_level: dict[str, ResourceTotals] = {
             self.level.value: ResourceTotals(capacity=self.capacity, granted=self.granted)}
         supervisors = 0
+        done = sum(c.last_report.tasks_completed for c in self.children.values() if c.last_report is not None)
+        failed = sum(c.last_report.tasks_failed for c in self.children.values() if c.last_report is not None)
         for child in self.children.values():
             r = child.last_report
             if self.child_level is Level.AGENT:
@@ -979,7 +981,8 @@ class LevelState(BaseModel):
             supervisors = 1
         return LevelSummary(entity_id=self.entity_id, level=self.level, name=self.name, seq=self.report_seq,
                             health=self.health(), status=self.status.value, resources=self.capacity,
-                            supervisors=supervisors, agents_by_status=agents,
+                            supervisors=supervisors, agents_by_status=agents, tasks_completed=done,
+                            tasks_failed=failed,
                             resources_by_level=by_level, reported_at=now)
 
     def view(self, now: datetime, run_updates: int = 0, cache: CacheStats | None = None) -> LevelView:

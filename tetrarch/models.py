@@ -81,6 +81,8 @@ class LevelSummary(BaseModel):
     used: Resources | None = Field(default=None, description="Agents: what the runtime measured it using.")
     supervisors: int = 0
     agents_by_status: dict[str, int] = Field(default_factory=dict)
+    tasks_completed: int = Field(default=0, description="Tasks the agents below ran to a result (reportMetrics).")
+    tasks_failed: int = Field(default=0, description="Tasks the agents below ran that failed.")
     resources_by_level: dict[str, ResourceTotals] = Field(default_factory=dict)
     reported_at: datetime | None = None
 

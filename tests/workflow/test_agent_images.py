@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import Client
 
 from tests.conftest import domain_name
-from tests.workflow.helpers import assert_only_entities_running, res
+from tests.workflow.helpers import assert_only_entities_running, eventually, res
 from tetrarch.agent import TaskInput
 from tetrarch.errors import NotFound, PolicyDenied, TetrarchError
 from tetrarch.image_store import DEFAULT_IMAGE_DIR
@@ -76,6 +76,9 @@ async def test_a_signed_image_runs_tasks(tc: TetrarchClient, client: Client) -> 
         await tc.execute_task(d, "calc", TaskInput(intent="summarize", input={}))
     assert unknown.value.code == "UnknownIntent"
     assert (await tc.agent_status(d, "calc")).tasks_completed == 1, "refused tasks never ran"
+    # reportMetrics: the task counts travel up with the reports, to the supervisor and the domain.
+    dom = await eventually(lambda: tc.domain_status(d), lambda v: v.metrics.tasks_completed == 1)
+    assert (dom.metrics.tasks_completed, dom.metrics.tasks_failed) == (1, 1)
     await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
 
 
