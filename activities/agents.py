@@ -36,7 +36,7 @@ from tetrarch.images import ImageTampered, open_verified
 from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import AgentStatus, LevelRef
 from tetrarch.names import agent_id
-from tetrarch.operations import AgentInput
+from tetrarch.operations import AgentInput, EntitySettings
 from tetrarch.tasks import task_limits
 from workflows.agent import AgentWorkflow
 from workflows.common import AGENT_STATUS_KEY, DOMAIN_KEY, LEVEL_KEY, SUPERVISOR_KEY
@@ -161,24 +161,27 @@ class AgentActivities:
             return (await self.find_agent(target)).state  # restarted meanwhile
         if running:
             await handle.terminate("silent: restarted by its supervisor")
-        last = await self._last_state(target, desc.run_id, queryable=not call.silent)
+        last, settings = await self._last_state(target, desc.run_id, queryable=not call.silent)
         memory = last.checkpoints[-1].memory if last.checkpoints else last.memory
         now = datetime.now(UTC)
         fresh = last.model_copy(update={"status": AgentStatus.STARTING, "status_reason": "restarted after a crash",
-                                        "memory": memory, "started_at": now, "updated_at": now})
-        return await self.start_agent(AgentInput(agent_state=fresh))
+                                        "memory": memory, "started_at": now, "updated_at": now,
+                                        "report_seq": max(last.report_seq, call.report_seq)})
+        return await self.start_agent(AgentInput(agent_state=fresh, settings=settings))
 
-    async def _last_state(self, target: LevelRef, run_id: str | None, queryable: bool) -> AgentState:
-        """The agent's last state: asked of its ended run when a worker can answer, else the state its run
-        started from (the last one durably recorded: a hung agent's worker answers nothing)."""
-        if queryable:
-            with contextlib.suppress(Exception):
-                return (await asyncio.wait_for(self.find_agent(target), timeout=5)).state
+    async def _last_state(self, target: LevelRef, run_id: str | None,
+                          queryable: bool) -> tuple[AgentState, EntitySettings]:
+        """The agent's last state and its entity settings. The state is asked of its ended run when a worker
+        can answer, else it is the state the run started from (the last one durably recorded: a hung
+        agent's worker answers nothing); the settings are the run's own."""
         history = await self.client.get_workflow_handle(target.entity_id, run_id=run_id).fetch_history()
         started = history.events[0].workflow_execution_started_event_attributes
         inp = (await self.client.data_converter.decode(started.input.payloads, [AgentInput]))[0]
         assert isinstance(inp, AgentInput)
-        return inp.agent_state
+        if queryable:
+            with contextlib.suppress(Exception):
+                return (await asyncio.wait_for(self.find_agent(target), timeout=5)).state, inp.settings
+        return inp.agent_state, inp.settings
 
     @activity.defn
     async def discard_agent(self, call: DiscardAgentCall) -> AgentLookup | None:

@@ -58,6 +58,7 @@ from tetrarch.level import (
     AgentList,
     ChildLookup,
     ChildRef,
+    GrantLookup,
     ReconfigureResult,
     RegisterChildrenResult,
     RegisterResult,
@@ -293,6 +294,11 @@ class LevelActivities:
         domain = req.agent.split("/", 1)[0]
         return await update(self.client, LevelRef.manager(domain), ManagementEntity.record_agent_failure, req,
                             LevelView, req.request_id)
+
+    @activity.defn
+    async def read_grant(self, call: ChildQuery) -> GrantLookup:
+        """The target level's share of one allocation (by key), if it holds one."""
+        return await query(self.client, call.target, ManagementEntity.grant, GrantLookup, arg=ChildRef(name=call.name))
 
     @activity.defn
     async def read_dependents(self, call: ChildQuery) -> AgentList:

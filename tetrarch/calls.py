@@ -289,3 +289,4 @@ class RestartAgentCall(BaseModel):
 
     target: LevelRef
     silent: bool = False
+    report_seq: int = Field(default=0, description="The last report its supervisor has: the new run reports after it.")

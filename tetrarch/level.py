@@ -173,6 +173,12 @@ class RestartDecision(BaseModel):
     reason: str = ""
 
 
+class GrantLookup(BaseModel):
+    """One allocation's share at a level, if the level holds it."""
+
+    grant: Grant | None = None
+
+
 class AgentList(BaseModel):
     """Agents by key (``<domain>/<agent>``)."""
 

@@ -74,4 +74,4 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
             lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,
             lv.transfer_capacity, lv.mark_quota, lv.read_pool, lv.read_ledger, lv.read_child, lv.check_allocation,
             lv.placement_candidates, lv.start_quota_watch, lv.load_image, lv.record_agent_failure,
-            lv.read_dependents, lv.start_operation]
+            lv.read_dependents, lv.start_operation, lv.read_grant]

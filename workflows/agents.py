@@ -92,7 +92,9 @@ class SpawnAgentWorkflow:
         saga = Saga()
         try:
             image = None
-            if req.image and req.resources is None:  # its default resources come from the image
+            # Runs recorded before images were loaded went on without this step (they replay unchanged).
+            loads_image = bool(req.image) and workflow.patched("spawn-loads-image")
+            if loads_image and req.resources is None:  # its default resources come from the image
                 image = await steps.load_image(LoadImage(domain=req.domain, supervisor=sup_name, agent=req.name,
                                                          image=req.image))
             resources = req.resources or (image.manifest.default_resources if image is not None else None) \
@@ -114,7 +116,7 @@ class SpawnAgentWorkflow:
                 steps.admit_agents(orchestrator, admit), steps.admit_agents(manager, admit),
                 steps.register_child(supervisor, RegisterChild(request_id=rid, name=req.name, resources=resources,
                                                                check=check, escalate=True, priority=req.priority))]
-            if req.image and image is None:  # the supervisor verifies the image while the levels admit
+            if loads_image and image is None:  # the supervisor verifies the image while the levels admit
                 steps_at_once.append(steps.load_image(LoadImage(domain=req.domain, supervisor=sup_name,
                                                                 agent=req.name, image=req.image)))
             outcomes = await asyncio.gather(*steps_at_once, return_exceptions=True)
@@ -271,6 +273,9 @@ class StopAgentWorkflow:
                 raise to_application_error(NotFound(
                     f"agent {req.domain}/{req.name} is not running (its last run ended {found.state.status.value})",
                     level="agent", entity=target.entity_id))
+            if workflow.patched("stop-marks-crashed-agent-removing"):
+                # So its supervisor's failure check does not restart it while it is being released.
+                await steps.begin_child_removal(supervisor, req.name, rid)
         released = await steps.unregister_child(supervisor, req.name, rid)
         await return_borrowed(rid, req.domain, released.grants)  # each borrowed part goes back where it came from
         count_out = ReleaseAgents(request_id=rid, agents=[f"{req.domain}/{req.name}"],

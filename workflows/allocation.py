@@ -13,6 +13,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from tetrarch.decisions import PolicyCheck
+    from tetrarch.errors import Conflict
     from tetrarch.level import ReleaseGrants, Reserve
     from tetrarch.models import LevelRef
     from tetrarch.names import Level
@@ -20,7 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.resources import Resources, total
 
 from workflows import steps
-from workflows.common import Saga, gather_all
+from workflows.common import Saga, gather_all, to_application_error
 
 
 async def escalate(saga: Saga, rid: str, key: str, domain: str, supervisor: str, remainder: Resources,
@@ -40,13 +41,25 @@ async def escalate(saga: Saga, rid: str, key: str, domain: str, supervisor: str,
                                                check=check, priority=priority, spawn=spawn))
     parts[Level.MANAGER.value] = mid.grant.own
     if mid.remainder.is_zero():
+        await _still_held(domain, supervisor, key)
         return parts
     saga.add(f"return {key} to {orchestrator.entity_id}", lambda: steps.release_grants(orchestrator, undo))
     top = await steps.reserve(orchestrator, Reserve(request_id=rid, key=key, child=domain, resources=mid.remainder,
                                                     escalate=False, check=check, priority=priority,
                                                     spawn=spawn))
     parts[Level.ORCHESTRATOR.value] = top.grant.own
+    await _still_held(domain, supervisor, key)
     return parts
+
+
+async def _still_held(domain: str, supervisor: str, key: str) -> None:
+    """After borrowing: the supervisor must still hold the allocation. A release or a stop that ran while
+    this request borrowed could not return what was borrowed after it; then the request fails, and its
+    saga gives back what it borrowed."""
+    if (await steps.read_grant(LevelRef.supervisor(domain, supervisor), key)).grant is None:
+        raise to_application_error(Conflict(
+            f"allocation {key} was released while it was being borrowed for; what was borrowed goes back",
+            level=Level.SUPERVISOR.value, entity=LevelRef.supervisor(domain, supervisor).entity_id))
 
 
 async def return_borrowed(rid: str, domain: str, released: list[Grant]) -> dict[str, Resources]:

@@ -37,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
 
 from workflows import steps
 from workflows.agents import SpawnAgentWorkflow, first_by_precedence
-from workflows.allocation import escalate
+from workflows.allocation import escalate, return_borrowed
 from workflows.common import (
     DOMAIN_KEY,
     OPERATION_KEY,
@@ -116,7 +116,8 @@ class BatchSpawnAgentsWorkflow:
                 elif keys[a.name] not in admitted and outcome.result is not None and outcome.result.created:
                     by = "orchestrator" if keys[a.name] not in top.added else "manager"
                     refused[a.name] = ErrorInfo(code="LimitExceeded", level=by, message=(
-                        f"{by} policy admits no more agents (max_agents) for {a.name!r} in this batch"))
+                        f"the {by} did not count {a.name!r} in: its max_agents leaves no room, or an agent of "
+                        "that name is already counted there (it runs under another supervisor)"))
             if refused and req.all_or_nothing:
                 raise to_application_error(error_from_info(next(iter(refused.values()))))
             await self._undo_refused(supervisor, keys, refused, rid)
@@ -128,9 +129,10 @@ class BatchSpawnAgentsWorkflow:
         return started
 
     @staticmethod
-    async def _unregister(supervisor: LevelRef, names: list[str], rid: str) -> None:
-        """Compensation: forget the batch's agents this request registered (and their allocations)."""
-        await gather_all(*(steps.unregister_child(supervisor, n, f"{rid}/undo", owner=rid) for n in names))
+    async def _unregister(supervisor: LevelRef, names: list[str], rid: str, tag: str = "undo") -> None:
+        """Forget agents this request registered, and give back above what their allocations borrowed."""
+        gone = await gather_all(*(steps.unregister_child(supervisor, n, f"{rid}/{tag}", owner=rid) for n in names))
+        await return_borrowed(f"{rid}/{tag}", supervisor.domain or "", [g for r in gone for g in r.grants])
 
     @staticmethod
     async def _undo_refused(supervisor: LevelRef, keys: dict[str, str], refused: dict[str, ErrorInfo],
@@ -142,7 +144,7 @@ class BatchSpawnAgentsWorkflow:
         domain = supervisor.domain or ""
         await gather_all(steps.release_agents(LevelRef.orchestrator(), gone),
                          steps.release_agents(LevelRef.manager(domain), gone),
-                         *(steps.unregister_child(supervisor, n, f"{rid}/refused", owner=rid) for n in refused))
+                         BatchSpawnAgentsWorkflow._unregister(supervisor, list(refused), rid, "refused"))
 
     async def _escalate(self, req: BatchSpawnRequest, sup_name: str, results: dict[str, ChildOutcome],
                         refused: dict[str, ErrorInfo], rid: str, saga: Saga) -> dict[str, ErrorInfo]:

@@ -89,16 +89,18 @@ class CoordinateAgentOperationsWorkflow:
         d, sup, rid = self.req.domain, self.req.supervisor, f"{self.rid}/{i}"
         stop = StopAgentRequest(domain=d, name=op.agent, reason="undone: a coordinated operation failed",
                                 request_id=f"{rid}/undo")
+        # A spawn or clone that fails undoes itself; only an agent this set created is stopped again.
         if op.op == "spawn":
-            saga.add(f"stop {op.agent}", lambda: self._child(StopAgentWorkflow.run, stop, f"{i}/undo"))
-            await self._child(SpawnAgentWorkflow.run, SpawnAgentRequest(
+            spawned = await self._child(SpawnAgentWorkflow.run, SpawnAgentRequest(
                 request_id=rid, domain=d, supervisor=sup, name=op.agent, resources=op.resources, image=op.image,
                 params=op.params, depends_on=op.depends_on), f"{i}/spawn")
+            if spawned.created:
+                saga.add(f"stop {op.agent}", lambda: self._child(StopAgentWorkflow.run, stop, f"{i}/undo"))
         elif op.op == "clone":
             await self._check_supervisor(op.source or "")
-            saga.add(f"stop {op.agent}", lambda: self._child(StopAgentWorkflow.run, stop, f"{i}/undo"))
             await self._child(CloneAgentWorkflow.run, CloneRequest(
                 request_id=rid, domain=d, source=op.source or "", name=op.agent, supervisor=sup), f"{i}/clone")
+            saga.add(f"stop {op.agent}", lambda: self._child(StopAgentWorkflow.run, stop, f"{i}/undo"))
         elif op.op == "stop":
             await self._check_supervisor(op.agent)
             saga.add(f"restore {op.agent}", lambda: self._child(RestoreAgentWorkflow.run, RestoreRequest(

@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ChildLookup,
         ChildRef,
         ConfigureLevel,
+        GrantLookup,
         LevelState,
         QuotaMark,
         Reclaiming,
@@ -241,6 +242,8 @@ class ManagementEntity(EntityLoop):
     def _periodic_seconds(self) -> float | None:
         if self.state.level is not Level.SUPERVISOR or not self.settings.failure_check_seconds:
             return None
+        if not workflow.patched("supervisor-failure-check"):
+            return None  # supervisor runs recorded before failure checks set no timer (they replay unchanged)
         watched = any(c.status is ChildStatus.ACTIVE and c.failed is None for c in self.state.children.values())
         return self.settings.failure_check_seconds if watched else None
 
@@ -271,9 +274,13 @@ class ManagementEntity(EntityLoop):
                 if decision.allowed:
                     if decision.backoff_seconds:
                         await workflow.sleep(timedelta(seconds=decision.backoff_seconds))
+                    child = self.state.children.get(crash.name)
+                    if child is None or child.status is not ChildStatus.ACTIVE:
+                        continue  # stopped meanwhile: nothing to restart
+                    seen = child.last_report.seq if child.last_report is not None else 0
                     await workflow.execute_activity(
                         "restart_agent", RestartAgentCall(target=LevelRef.agent(self.state.domain, crash.name),
-                                                          silent=crash.status == "SILENT"),
+                                                          silent=crash.status == "SILENT", report_seq=seen),
                         task_queue=queues().for_level(Level.AGENT), start_to_close_timeout=_CALL, retry_policy=_FEW)
                 else:
                     await workflow.execute_activity(
@@ -441,6 +448,11 @@ class ManagementEntity(EntityLoop):
     def link(self) -> ChainLink:
         """This level as a link of a policy chain: its policy, pool and live agent count."""
         return self.state.link()
+
+    @workflow.query
+    def grant(self, ref: ChildRef) -> GrantLookup:
+        """This level's share of the allocation whose key is ``ref.name``, if it holds one."""
+        return GrantLookup(grant=self.state.grants.get(ref.name))
 
     @workflow.query
     def dependents(self, ref: ChildRef) -> AgentList:

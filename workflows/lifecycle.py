@@ -225,6 +225,25 @@ async def _stop(domain: str, name: str, reason: str) -> None:
         id=f"{workflow.info().workflow_id}/stop/{name}", task_queue=queues().for_level(Level.SUPERVISOR))
 
 
+async def _can_stop(domain: str, supervisor: str, name: str) -> None:
+    """Refuse up front what would refuse stopping an original later: its kill policy, or agents needing it."""
+    await judge_everywhere(domain, supervisor, PolicyCheck(operation=OperationType.KILL, domain=domain,
+                                                           supervisor=supervisor, agent=name))
+    dependents = (await steps.read_dependents(domain, name)).agents
+    if dependents:
+        raise _refuse(Conflict(f"agents {', '.join(k.split('/', 1)[1] for k in dependents)} depend on "
+                               f"{domain}/{name}; it cannot be replaced", level="supervisor"))
+
+
+async def _stop_or_undo(domain: str, originals: list[str], made: list[str], reason: str) -> None:
+    """Stop the originals; if that fails after all, stop the agents just made, so the set is as before."""
+    try:
+        await gather_all(*(_stop(domain, n, reason) for n in originals))
+    except BaseException as e:
+        await gather_all(*(_stop(domain, n, "undone: the originals could not be stopped") for n in made))
+        reraise(e)
+
+
 async def _spawn_all(requests: list[SpawnAgentRequest]) -> list[AgentResult]:
     """Spawn every agent or none: if one spawn fails, the others are stopped again."""
     outcomes = await asyncio.gather(*(workflow.execute_child_workflow(
@@ -259,13 +278,14 @@ class SplitAgentWorkflow:
         await judge_everywhere(req.domain, supervisor, PolicyCheck(
             operation=OperationType.SPLIT, domain=req.domain, supervisor=supervisor, agent=req.name,
             resources=share, count=req.parts))
+        await _can_stop(req.domain, supervisor, req.name)
         names = [f"{req.name}-{i}" for i in range(1, req.parts + 1)]
         await _spawn_all([SpawnAgentRequest(
             request_id=f"{rid}/{n}", domain=req.domain, supervisor=supervisor, name=n, resources=share,
             image=image.path if image is not None else None, image_digest=image.digest if image is not None else None,
             params=state.spec.params, memory=memories[i], operation=OperationType.SPLIT)
             for i, n in enumerate(names)])
-        await _stop(req.domain, req.name, f"split into {', '.join(names)}")
+        await _stop_or_undo(req.domain, [req.name], names, f"split into {', '.join(names)}")
         return LifecycleResult(operation="split", domain=req.domain, agents=names, supervisor=supervisor,
                                image=image.ref if image is not None else None)
 
@@ -305,11 +325,13 @@ class MergeAgentsWorkflow:
             raise _refuse(e) from None
         params = next((s.spec.params for s in states if s.spec.image_info is image), {})
         supervisor = req.supervisor or states[0].spec.supervisor
+        for n, st in zip(names, states, strict=True):
+            await _can_stop(req.domain, st.spec.supervisor, n)
         merged = await _spawn_all([SpawnAgentRequest(
             request_id=f"{rid}/merged", domain=req.domain, supervisor=supervisor, name=req.name,
             resources=total([s.spec.resources for s in states]), image=image.path if image is not None else None,
             image_digest=image.digest if image is not None else None, params=params, memory=memory,
             operation=OperationType.MERGE)])
-        await gather_all(*(_stop(req.domain, n, f"merged into {req.name}") for n in names))
+        await _stop_or_undo(req.domain, names, [req.name], f"merged into {req.name}")
         return LifecycleResult(operation="merge", domain=req.domain, agents=[merged[0].agent.name],
                                supervisor=supervisor, image=image.ref if image is not None else None)

@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         ChildLookup,
         ChildRef,
         ConfigureLevel,
+        GrantLookup,
         QuotaMark,
         Reclaiming,
         ReconfigureChild,
@@ -362,4 +363,10 @@ async def read_dependents(domain: str, agent: str) -> AgentList:
     """The agents of ``domain`` that depend on ``agent``."""
     result: AgentList = await _run(LevelActivities.read_dependents,
                                    ChildQuery(target=LevelRef.manager(domain), name=f"{domain}/{agent}"), Level.MANAGER)
+    return result
+
+
+async def read_grant(target: LevelRef, key: str) -> GrantLookup:
+    """``target``'s share of allocation ``key``, if it holds one."""
+    result: GrantLookup = await _run(LevelActivities.read_grant, ChildQuery(target=target, name=key), target.level)
     return result

@@ -192,6 +192,17 @@ async def test_split_deals_the_state_out_and_divides_the_allocation(tc: Tetrarch
         await tc.split_agent(SplitRequest(domain=d, name="a", parts=32))
     assert "more than" in many.value.message
     assert (await tc.agent_status(d, "a")).status is AgentStatus.RUNNING
+    # An agent others depend on cannot be replaced: refused before any part is made.
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s2", name="needs-a", resources=res(1),
+                                           depends_on=["a"]))
+    before = await tc.pools([d])
+    with pytest.raises(Conflict) as dep:
+        await tc.split_agent(SplitRequest(domain=d, name="a", parts=2))
+    assert "needs-a" in dep.value.message
+    assert await tc.pools([d]) == before
+    with pytest.raises(NotFound):
+        await tc.agent_status(d, "a-1")
+    await tc.stop_agent(StopAgentRequest(domain=d, name="needs-a"))
     done = await tc.split_agent(SplitRequest(domain=d, name="a", parts=2))
     assert done.agents == ["a-1", "a-2"]
     one, two = await tc.agent_status(d, "a-1"), await tc.agent_status(d, "a-2")
