@@ -32,9 +32,10 @@ Recorded:
   merged agent, stopped; ``supervisor_restarts_agent.json``:
   a supervisor that found a crashed agent and restarted it.
 
-``before_resources_*.json`` were recorded before allocations existed (session 1's code) and are kept
-as they are: running executions of that version must still replay on this code. The recorder does
-not touch them.
+``before_resources_*.json`` were recorded with session 1's code (commit f091181: before allocations,
+images and failure checks) and are kept as they are: running executions of that version must still
+replay on this code. ``before_resources_supervisor.json`` (a supervisor with two agents) was recorded
+later by running that commit's code. The recorder does not touch them.
 
 Re-record after an intended change to a workflow's commands; a change that would break running
 executions needs ``workflow.patched()`` instead, and these histories are what catch it.
