@@ -45,7 +45,7 @@ from tetrarch.lifecycle_ops import (
     UpgradeRequest,
 )
 from tetrarch.models import ChildView, LevelRef, LevelView, PoolView
-from tetrarch.names import Level, TaskQueues, agent_id
+from tetrarch.names import Level, TaskQueues
 from tetrarch.operations import (
     AgentResult,
     ApplyResult,
@@ -323,42 +323,36 @@ class TetrarchClient:
                                level="client", entity=target.entity_id) from None
             raise
 
+    async def _agent_update(self, domain: str, agent: str, method: Any, arg: BaseModel,
+                            update_id: str | None = None) -> Any:
+        """An Update on a running agent; a refusal raises the typed error the agent raised."""
+        target = LevelRef.agent(domain, agent)
+        await self._query(target, AgentWorkflow.describe, AgentState)  # NotFound if it is not running
+        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
+        try:
+            return await handle.execute_update(method, arg, id=update_id)
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            if isinstance(cause, ApplicationError) and cause.details:
+                detail = cause.details[0]
+                raise error_from_info(detail if isinstance(detail, ErrorInfo)
+                                      else ErrorInfo.model_validate(detail)) from None
+            raise
+
     async def execute_task(self, domain: str, agent: str, task: TaskInput) -> TaskResult:
         """Run a task on an agent (an Update on it: the result comes back when the task has run).
 
         A task refused before running (unknown intent, input not matching the intent's schema, an agent
         that runs no image) raises the typed error; a task that ran and failed returns ``ok=False``.
         """
-        target = LevelRef.agent(domain, agent)
-        await self._query(target, AgentWorkflow.describe, AgentState)  # NotFound if it is not running
-        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
         rid = task.request_id or uuid.uuid4().hex[:12]
-        try:
-            result: TaskResult = await handle.execute_update(
-                AgentWorkflow.execute_task, task.model_copy(update={"request_id": rid}), id=f"task/{rid}")
-        except WorkflowUpdateFailedError as e:
-            cause = e.cause
-            if isinstance(cause, ApplicationError) and cause.details:
-                detail = cause.details[0]
-                raise error_from_info(detail if isinstance(detail, ErrorInfo)
-                                      else ErrorInfo.model_validate(detail)) from None
-            raise
+        result: TaskResult = await self._agent_update(
+            domain, agent, AgentWorkflow.execute_task, task.model_copy(update={"request_id": rid}), f"task/{rid}")
         return result
 
     async def request_operation(self, domain: str, agent: str, req: SelfRequest) -> SelfRequestResult:
         """An agent asks its supervisor for an operation on itself; the operation's workflow id comes back."""
-        target = LevelRef.agent(domain, agent)
-        await self._query(target, AgentWorkflow.describe, AgentState)
-        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(target.entity_id)
-        try:
-            result: SelfRequestResult = await handle.execute_update(AgentWorkflow.request_operation, req)
-        except WorkflowUpdateFailedError as e:
-            cause = e.cause
-            if isinstance(cause, ApplicationError) and cause.details:
-                detail = cause.details[0]
-                raise error_from_info(detail if isinstance(detail, ErrorInfo)
-                                      else ErrorInfo.model_validate(detail)) from None
-            raise
+        result: SelfRequestResult = await self._agent_update(domain, agent, AgentWorkflow.request_operation, req)
         return result
 
     async def operation_result(self, workflow_id: str, result_type: type[R]) -> R:
@@ -394,9 +388,8 @@ class TetrarchClient:
 
     async def report_usage(self, domain: str, agent: str, used: Resources) -> AgentState:
         """Report what an agent uses (what its runtime measured); its supervisor checks it against its quota."""
-        handle: WorkflowHandle[Any, Any] = self.client.get_workflow_handle(agent_id(domain, agent))
-        await self._query(LevelRef.agent(domain, agent), AgentWorkflow.describe, AgentState)  # NotFound if gone
-        state: AgentState = await handle.execute_update(AgentWorkflow.report_usage, UsageReport(used=used))
+        state: AgentState = await self._agent_update(domain, agent, AgentWorkflow.report_usage,
+                                                     UsageReport(used=used))
         return state
 
     async def allocations(self, domain: str, agent: str) -> AllocationsView:
