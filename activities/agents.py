@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.calls import domain_error, query, raise_translated, update
-from runtime.sandbox import TaskRequest, run_task
+from runtime.sandbox import TaskLimits, TaskRequest, run_task
 from tetrarch.agent import AgentLookup, AgentState, Checkpoint, StopAgent, TaskResult, Throttle
 from tetrarch.calls import (
     CheckpointCall,
@@ -27,11 +27,12 @@ from tetrarch.calls import (
     StartAgents,
     StartedAgent,
     StartedAgents,
+    StateHook,
     StopAgentCall,
     SwitchImageCall,
     ThrottleCall,
 )
-from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
+from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError
 from tetrarch.images import ImageTampered, open_verified
 from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import AgentStatus, LevelRef
@@ -168,6 +169,26 @@ class AgentActivities:
                                         "memory": memory, "started_at": now, "updated_at": now,
                                         "report_seq": max(last.report_seq, call.report_seq)})
         return await self.start_agent(AgentInput(agent_state=fresh, settings=settings))
+
+    @activity.defn
+    async def run_state_hook(self, call: StateHook) -> Any:
+        """Run the image's merge or split hook in a child process (the task runtime, small fixed limits)
+        on the verified code, and return its output: the merged state, or the list of parts' states."""
+        img = call.image
+        try:
+            with open_verified(img.path, frozenset({img.signer})) as verified:
+                if verified.digest != img.digest:
+                    raise ImageTampered(f"image {img.ref} at {img.path} changed since the agents were spawned",
+                                        level="supervisor")
+                outcome = await run_task(TaskRequest(
+                    image_root=str(verified.path), entrypoint=call.hook, intent=call.kind, input=call.input,
+                    limits=TaskLimits(memory_mib=256, cpu_seconds=5, wall_seconds=10)))
+        except TetrarchError as e:
+            raise domain_error(e) from None
+        if not outcome.ok:
+            raise domain_error(InvalidRequest(f"the {call.kind} hook {call.hook} of {img.ref} failed "
+                                              f"({outcome.reason}): {outcome.error}", level="supervisor"))
+        return outcome.output
 
     async def _last_state(self, target: LevelRef, run_id: str | None,
                           queryable: bool) -> tuple[AgentState, EntitySettings]:

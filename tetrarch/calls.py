@@ -290,3 +290,12 @@ class RestartAgentCall(BaseModel):
     target: LevelRef
     silent: bool = False
     report_seq: int = Field(default=0, description="The last report its supervisor has: the new run reports after it.")
+
+
+class StateHook(BaseModel):
+    """Run an image's merge or split hook (``module:function``) on agents' working states."""
+
+    image: AgentImage
+    hook: str
+    kind: str = Field(description="'merge' (input: states) or 'split' (input: state and parts).")
+    input: dict[str, Any]

@@ -3,7 +3,8 @@
 ``union`` merges the list at the image's ``split_key`` (first-seen order, no repeats) and lets later
 agents' other keys win; ``even`` deals that list out round-robin and copies the other keys to every
 part. Resources: a merged agent holds the sum of its originals' spawn allocations; a split divides the
-original's evenly (each part must still be able to run).
+original's evenly (each part must still be able to run). An image that names its own hooks has them
+run by the merge and split workflows instead (in the task runtime), never here.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
     if level is Level.AGENT:
         a = AgentActivities(client)
         return [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent,
-                a.run_task, a.checkpoint_agent, a.switch_agent_image, a.agent_liveness, a.restart_agent]
+                a.run_task, a.checkpoint_agent, a.switch_agent_image, a.agent_liveness, a.restart_agent,
+                a.run_state_hook]
     lv = LevelActivities(client)
     return [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
             lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,

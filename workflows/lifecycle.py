@@ -7,6 +7,7 @@ agent it started from running unless it succeeded.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from temporalio import workflow
 
@@ -15,7 +16,7 @@ with workflow.unsafe.imports_passed_through():
 
     from runtime.sandbox import MIN_MEMORY_MIB
     from tetrarch.agent import AgentImage, Checkpoint, SwitchImage, TakeCheckpoint, TaskInput
-    from tetrarch.calls import LoadImage, RunTask
+    from tetrarch.calls import LoadImage, RunTask, StateHook
     from tetrarch.decisions import PolicyCheck
     from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
     from tetrarch.images import StateRules, narrow, resolve_parameters, score_eval
@@ -272,9 +273,17 @@ class SplitAgentWorkflow:
         rules = image.manifest.state if image is not None else StateRules()
         try:
             share = split_resources(state.spec.resources, req.parts, MIN_MEMORY_MIB if image is not None else 0)
-            memories = split_state(state.memory, rules, req.parts)
+            memories = None if ":" in rules.split else split_state(state.memory, rules, req.parts)
         except TetrarchError as e:
             raise _refuse(e) from None
+        if memories is None and image is not None:  # the image declares how: its split hook decides
+            out = await steps.run_state_hook(StateHook(image=image, hook=rules.split, kind="split",
+                                                       input={"state": state.memory, "parts": req.parts}))
+            if not (isinstance(out, list) and len(out) == req.parts and all(isinstance(m, dict) for m in out)):
+                raise _refuse(InvalidRequest(f"the split hook {rules.split} of {image.ref} returned no list of "
+                                             f"{req.parts} states", level="supervisor"))
+            memories = out
+        assert memories is not None
         await judge_everywhere(req.domain, supervisor, PolicyCheck(
             operation=OperationType.SPLIT, domain=req.domain, supervisor=supervisor, agent=req.name,
             resources=share, count=req.parts))
@@ -319,10 +328,18 @@ class MergeAgentsWorkflow:
                                          "only agents of one image merge", level="supervisor"))
         image = max((i for i in images if i is not None), key=lambda i: i.manifest.semver, default=None)
         rules = image.manifest.state if image is not None else StateRules()
-        try:
-            memory = merge_states([s.memory for s in states], rules)
-        except TetrarchError as e:
-            raise _refuse(e) from None
+        if ":" in rules.merge and image is not None:  # the image declares how: its merge hook decides
+            out = await steps.run_state_hook(StateHook(image=image, hook=rules.merge, kind="merge",
+                                                       input={"states": [s.memory for s in states]}))
+            if not isinstance(out, dict):
+                raise _refuse(InvalidRequest(f"the merge hook {rules.merge} of {image.ref} returned no state",
+                                             level="supervisor"))
+            memory: dict[str, Any] = out
+        else:
+            try:
+                memory = merge_states([s.memory for s in states], rules)
+            except TetrarchError as e:
+                raise _refuse(e) from None
         params = next((s.spec.params for s in states if s.spec.image_info is image), {})
         supervisor = req.supervisor or states[0].spec.supervisor
         for n, st in zip(names, states, strict=True):

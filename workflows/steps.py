@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
         SetPolicyCall,
         StartAgents,
         StartedAgents,
+        StateHook,
         StopAgentCall,
         SwitchImageCall,
         ThrottleCall,
@@ -370,3 +371,8 @@ async def read_grant(target: LevelRef, key: str) -> GrantLookup:
     """``target``'s share of allocation ``key``, if it holds one."""
     result: GrantLookup = await _run(LevelActivities.read_grant, ChildQuery(target=target, name=key), target.level)
     return result
+
+
+async def run_state_hook(call: StateHook) -> Any:
+    """An image's merge or split hook, run on the agent level's workers."""
+    return await _run(AgentActivities.run_state_hook, call, Level.AGENT)

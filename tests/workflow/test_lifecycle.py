@@ -264,3 +264,37 @@ async def test_an_agent_asks_for_operations_on_itself(tc: TetrarchClient) -> Non
     with pytest.raises(NotFound):
         await tc.agent_status(d, "a")
     await finish(tc, d)
+
+
+def _hooked(tmp_path: Path) -> Path:
+    """The summarizer with merge and split hooks of its own (signed by the demo key)."""
+    dest = tmp_path / "summarizer-hooked"
+    shutil.copytree(DEFAULT_IMAGE_DIR / "summarizer", dest)
+    (dest / "hooks.py").write_text(
+        "def merge(request):\n"
+        "    items = sorted({i for s in request['input']['states'] for i in s.get('work_items', [])})\n"
+        "    return {'output': {'work_items': items, 'merged_by': 'hook'}}\n\n\n"
+        "def split(request):\n"
+        "    state, parts = request['input']['state'], request['input']['parts']\n"
+        "    items = state.get('work_items', [])\n"
+        "    return {'output': [{'work_items': items[i::parts], 'part': i} for i in range(parts)]}\n")
+    manifest = dest / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("merge: union", "merge: hooks:merge")
+                        .replace("split: even", "split: hooks:split"))
+    sign_image(dest, DEMO_PRIVATE)
+    return dest
+
+
+async def test_the_image_declares_how_states_merge_and_split(tc: TetrarchClient, tmp_path: Path) -> None:
+    d = await domain(tc, "hooks")
+    image = str(_hooked(tmp_path))
+    for name, doc in (("a", "d2"), ("b", "d1")):
+        await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name=name, image=image,
+                                               resources=Resources.of(cpu=0.5, memory="256Mi")))
+        await summarize(tc, d, name, doc)
+    await tc.merge_agents(MergeRequest(domain=d, agents=["a", "b"], name="ab"))
+    assert (await tc.agent_status(d, "ab")).memory == {"work_items": ["d1", "d2"], "merged_by": "hook"}
+    await tc.split_agent(SplitRequest(domain=d, name="ab", parts=2))
+    parts = [(await tc.agent_status(d, f"ab-{i}")).memory for i in (1, 2)]
+    assert parts == [{"work_items": ["d1"], "part": 0}, {"work_items": ["d2"], "part": 1}]
+    await finish(tc, d)
