@@ -106,7 +106,7 @@ class AgentActivities:
                                         level="agent", entity=call.target.entity_id)
                 outcome = await run_task(TaskRequest(
                     image_root=str(verified.path), entrypoint=verified.manifest.entrypoint, intent=call.task.intent,
-                    input=call.task.input, params=call.params, state=call.memory, limits=limits))
+                    input=call.task.input, params=call.params, state=call.memory, limits=limits, probe=call.probe))
         except TetrarchError as e:
             raise domain_error(e) from None
         return TaskResult(request_id=call.task.request_id, intent=call.task.intent, ok=outcome.ok,

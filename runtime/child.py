@@ -177,6 +177,8 @@ def failure(reason: str, error: str) -> bytes:
 def run(document: dict[str, Any], max_output_bytes: int) -> bytes:
     """Load the entrypoint, call it with the request and return the report line."""
     function = load_entrypoint(str(document["image_root"]), str(document["entrypoint"]))
+    if document.get("probe"):  # a start check: the code loads and its entrypoint is callable
+        return encode_result({"output": {"loaded": str(document["entrypoint"])}}, max_output_bytes)
     return encode_result(function(document["request"]), max_output_bytes)
 
 

@@ -115,11 +115,13 @@ class TaskRequest(BaseModel):
     params: dict[str, JsonValue] = Field(default_factory=dict)
     state: dict[str, JsonValue] = Field(default_factory=dict)
     limits: TaskLimits
+    probe: bool = Field(default=False, description="Only load the entrypoint (a start check); do not call it.")
 
     def document(self) -> bytes:
         """The JSON document the child reads from stdin."""
         request = {"intent": self.intent, "input": self.input, "params": self.params, "state": self.state}
-        return json.dumps({"image_root": self.image_root, "entrypoint": self.entrypoint, "request": request}).encode()
+        return json.dumps({"image_root": self.image_root, "entrypoint": self.entrypoint, "request": request,
+                           "probe": self.probe}).encode()
 
 
 class TaskUsage(BaseModel):

@@ -236,6 +236,7 @@ class RunTask(BaseModel):
     task: TaskInput
     params: dict[str, Any] = Field(default_factory=dict)
     memory: dict[str, Any] = Field(default_factory=dict, description="The agent's working state.")
+    probe: bool = Field(default=False, description="Only start the image's code (load its entrypoint), run nothing.")
 
 
 class CheckpointCall(BaseModel):

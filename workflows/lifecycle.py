@@ -167,8 +167,9 @@ class UpgradeAgentWorkflow:
             raise _refuse(e) from None
         failures = await self._try(target, supervisor, new, params, state.memory, rid)
         if failures:
-            raise _refuse(Conflict(f"{new.ref} failed {len(failures)} of its evaluation tasks; {req.domain}/"
-                                   f"{req.name} keeps running {old.ref}", level="supervisor", problems=failures))
+            raise _refuse(Conflict(f"{new.ref} did not pass its trial (start, then its evaluation tasks): "
+                                   f"{failures[0][:200]}; {req.domain}/{req.name} keeps running {old.ref}",
+                                   level="supervisor", problems=failures))
         await steps.switch_agent_image(target, SwitchImage(request_id=rid, image=new, params=params))
         return LifecycleResult(operation="upgrade", domain=req.domain, agents=[req.name], supervisor=supervisor,
                                image=new.ref, previous_image=old.ref)
@@ -176,8 +177,14 @@ class UpgradeAgentWorkflow:
     @staticmethod
     async def _try(target: LevelRef, supervisor: str, image: AgentImage, params: dict[str, object],
                    memory: dict[str, object], rid: str) -> list[str]:
-        """Run the new version's evaluation tasks as the agent would; what failed, if anything."""
+        """Start the new version's code (its entrypoint must load) and run its evaluation tasks as the agent
+        would; what failed, if anything."""
         failures = []
+        start = await steps.run_task_attempt(RunTask(
+            target=target, supervisor=supervisor, image=image, params=dict(params), memory=dict(memory), probe=True,
+            task=TaskInput(request_id=f"{rid}/start", intent="start")))
+        if not start.ok:
+            return [f"the new version does not start ({start.reason}): {start.error}"]
         for i, task in enumerate(image.manifest.evaluation):
             result = await steps.run_task_attempt(RunTask(
                 target=target, supervisor=supervisor, image=image, params=dict(params), memory=dict(memory),

@@ -412,3 +412,19 @@ async def test_cancelling_a_task_kills_its_child(tmp_path):
         await task
     pid = int(pid_file.read_text())
     assert await eventually(lambda: reaped(pid))  # killed at once, reaped from an event-loop callback
+
+
+def test_a_probe_loads_the_entrypoint_without_calling_it(tmp_path):
+    """The start check of an upgrade: the code loads and its entrypoint is callable; nothing runs."""
+    root = tmp_path / "img"
+    root.mkdir()
+    (root / "agent.py").write_text("def handle(request):\n    raise AssertionError('must not be called')\n")
+    limits = TaskLimits(memory_mib=256, cpu_seconds=5, wall_seconds=10)
+    ok = run_task_sync(TaskRequest(image_root=str(root), entrypoint="agent:handle", intent="x", limits=limits,
+                                   probe=True))
+    assert ok.ok and ok.output == {"loaded": "agent:handle"}
+    broken = root / "broken.py"
+    broken.write_text("raise RuntimeError('cannot start')\ndef handle(request):\n    return {}\n")
+    bad = run_task_sync(TaskRequest(image_root=str(root), entrypoint="broken:handle", intent="x", limits=limits,
+                                    probe=True))
+    assert not bad.ok and bad.reason == "error" and "cannot start" in (bad.error or "")

@@ -149,6 +149,15 @@ async def test_upgrade_only_after_the_new_version_verifies_and_passes(tc: Tetrar
     with pytest.raises(InvalidRequest):
         await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image="summarizer"))
 
+    crashing = _version(tmp_path, "1.4.0")
+    code = crashing / "agent.py"
+    code.write_text(code.read_text() + "\n\nraise RuntimeError('this version cannot start')\n")
+    sign_image(crashing, DEMO_PRIVATE)
+    with pytest.raises(Conflict) as start:
+        await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(crashing)))
+    assert "does not start" in str(start.value.problems) and "cannot start" in str(start.value.problems)
+    assert (await tc.agent_status(d, "calc")).spec.image == "calculator@1.0.0"
+
     good = _version(tmp_path, "1.1.0")
     done = await tc.upgrade_agent(UpgradeRequest(domain=d, name="calc", image=str(good)))
     assert (done.previous_image, done.image) == ("calculator@1.0.0", "calculator@1.1.0")
