@@ -43,6 +43,8 @@ class AgentSpec(BaseModel):
     request_id: str = Field(default="", description="The spawn that made it (its counts are released by it).")
     image_info: AgentImage | None = Field(default=None, description="The verified image it runs (None: no code).")
     params: dict[str, Any] = Field(default_factory=dict, description="Its image parameters, defaults applied.")
+    task_retries: int = Field(default=0, ge=0, le=10, description="Its task failure policy: attempts after a failed "
+                                                                 "one, with backoff (0: report the failure).")
 
 
 class StopAgent(BaseModel):
@@ -74,9 +76,10 @@ class TaskInput(BaseModel):
     intent: str
     input: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="Wall-clock limit of one attempt.")
-    retries: int = Field(default=0, ge=0, le=10, description=(
-        "Attempts after a failed one (error or crash), with exponential backoff; a task stopped by its "
-        "memory or CPU limit is not retried: it would be again."))
+    retries: int | None = Field(default=None, ge=0, le=10, description=(
+        "Attempts after a failed one (error or crash), with exponential backoff; None: the agent's own "
+        "policy (its spawn's task_retries). A task stopped by its memory or CPU limit is not retried: it "
+        "would be again."))
 
 
 class TaskResult(BaseModel):

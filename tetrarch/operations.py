@@ -113,6 +113,7 @@ class SpawnAgentRequest(_Request):
     depends_on: list[str] = Field(
         default_factory=list, description="Agents of the domain it needs; the spawn waits until they run.")
     settings: EntitySettings | None = Field(default=None, description="Tuning of its entity (heartbeat, ...).")
+    task_retries: int = Field(default=0, ge=0, le=10, description="Its task failure policy: retries with backoff.")
     dependency_timeout_seconds: float = Field(default=60.0, ge=0, le=3600,
                                               description="How long to wait for them before refusing.")
     image: str | None = None

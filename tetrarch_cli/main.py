@@ -681,12 +681,13 @@ def agent_batch(ctx: Ctx, domain_name: str, supervisor_name: str, count: int, cp
 @click.argument("intent")
 @click.option("--input", "input_json", default="{}", show_default=True, help="The task's input, a JSON object.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Wall-clock seconds per attempt.")
-@click.option("--retries", type=click.IntRange(0, 10), default=0, show_default=True,
+@click.option("--retries", type=click.IntRange(0, 10), default=None,
               help="Further attempts after an error or a crash.")
 @click.option("--request-id", default="")
 @json_option
 @click.pass_obj
-def agent_task(ctx: Ctx, domain_name: str, name: str, intent: str, input_json: str, timeout: float, retries: int,
+def agent_task(ctx: Ctx, domain_name: str, name: str, intent: str, input_json: str, timeout: float,
+               retries: int | None,
                request_id: str) -> None:
     """Run INTENT on agent NAME of DOMAIN and print its output (exit 1 if the task failed or was refused)."""
     try:

@@ -153,7 +153,8 @@ class AgentWorkflow(EntityLoop):
     async def execute_task(self, task: TaskInput) -> TaskResult:
         """Run a task of this agent's image (``executeTask``) in a child process under its allocation.
 
-        A failed attempt (an error or a crash) is retried ``task.retries`` times with backoff; a task
+        A failed attempt (an error or a crash) is retried per the task, else per the agent's policy, with
+        backoff; a task
         stopped by its memory or CPU limit is reported at once. Either way the agent keeps running, and
         what the task used is reported to the supervisor (which applies quotas).
         """
@@ -166,7 +167,8 @@ class AgentWorkflow(EntityLoop):
         while True:
             attempt += 1
             result = await _run_task(call.model_copy(update={"memory": self.state.memory}))
-            if result.ok or result.reason not in _RETRIED or attempt > task.retries:
+            retries = task.retries if task.retries is not None else self.state.spec.task_retries
+            if result.ok or result.reason not in _RETRIED or attempt > retries:
                 break
             await workflow.sleep(timedelta(seconds=min(30.0, 0.5 * 2 ** (attempt - 1))))
         result.attempts = attempt

@@ -141,7 +141,8 @@ class SpawnAgentWorkflow:
             now = workflow.now()
             spec = AgentSpec(domain=req.domain, supervisor=sup_name, name=req.name,
                              resources=resources, image=image.ref if image is not None else req.image,
-                             labels=req.labels, request_id=rid if reg.created else "", image_info=image, params=params)
+                             labels=req.labels, request_id=rid if reg.created else "", image_info=image, params=params,
+                             task_retries=req.task_retries)
             target = LevelRef.agent(req.domain, req.name)
             saga.add(f"discard {target.entity_id}", lambda: steps.discard_agent(target, rid))
             state = await steps.start_agent(AgentInput(agent_state=AgentState(

@@ -173,3 +173,14 @@ async def test_tasks_past_their_limits_are_stopped_and_the_agent_stays_up(
     state = await tc.agent_status(d, "a")
     assert (state.status, state.tasks_completed, state.tasks_failed) == (AgentStatus.RUNNING, 1, 2)
     await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
+
+
+async def test_the_agents_task_policy_retries_failures(tc: TetrarchClient) -> None:
+    """A failed task is retried with backoff per the agent's policy (task_retries), unless the task says."""
+    d = await domain(tc, "retries")
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s", name="calc", image="calculator", task_retries=2))
+    failed = await tc.execute_task(d, "calc", TaskInput(intent="evaluate", input={"expression": "1 / 0"}))
+    assert not failed.ok and failed.reason == "error" and failed.attempts == 3
+    once = await tc.execute_task(d, "calc", TaskInput(intent="evaluate", input={"expression": "1 / 0"}, retries=0))
+    assert not once.ok and once.attempts == 1
+    await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
