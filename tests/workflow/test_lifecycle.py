@@ -307,3 +307,22 @@ async def test_the_image_declares_how_states_merge_and_split(tc: TetrarchClient,
     parts = [(await tc.agent_status(d, f"ab-{i}")).memory for i in (1, 2)]
     assert parts == [{"work_items": ["d1"], "part": 0}, {"work_items": ["d2"], "part": 1}]
     await finish(tc, d)
+
+
+async def test_checkpoint_refuses_what_it_cannot_checkpoint(tc: TetrarchClient) -> None:
+    d = await domain(tc, "cp-bad")
+    with pytest.raises(NotFound):
+        await tc.checkpoint_agent(CheckpointRequest(domain=d, name="ghost"))
+    await tc.spawn_agent(SpawnAgentRequest(domain=d, supervisor="s1", name="a", image="summarizer"))
+    await tc.stop_agent(StopAgentRequest(domain=d, name="a"))
+    with pytest.raises(Conflict) as e:
+        await tc.checkpoint_agent(CheckpointRequest(domain=d, name="a"))
+    assert "not running" in e.value.message
+    await tc.set_policy(SetPolicyRequest(domain=d, policy=Policy(
+        images=ImagePolicy(trusted_signers=frozenset({DEMO_KEY})),
+        denied_operations=frozenset({OperationType.CHECKPOINT}))))
+    await tc.restore_agent(RestoreRequest(domain=d, name="a"))
+    with pytest.raises(PolicyDenied) as denied:
+        await tc.checkpoint_agent(CheckpointRequest(domain=d, name="a"))
+    assert denied.value.level == "manager"
+    await finish(tc, d)
