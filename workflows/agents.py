@@ -36,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
         StopAgentRequest,
     )
     from tetrarch.placement import place
-    from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
+    from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType, PlacementStrategy
     from tetrarch.resources import Resources
 
 from workflows import steps
@@ -66,6 +66,17 @@ def first_by_precedence(errors: list[BaseException]) -> BaseException:
         if info is not None and info.code == PolicyDenied.code and info.level in _PRECEDENCE:
             denials.append((_PRECEDENCE.index(info.level), err))
     return min(denials, key=lambda d: d[0])[1] if denials else errors[0]
+
+
+async def place_in_domain(domain: str, need: Resources, strategy: PlacementStrategy | None, what: str) -> str:
+    """The domain picks a supervisor for ``need`` (``optimizeAgentPlacement``) by ``strategy``, else its
+    policy's."""
+    info = await steps.placement_candidates(domain)
+    chosen = place(info.candidates, need, strategy or info.strategy)
+    if chosen is None:
+        raise to_application_error(NotFound(f"domain {domain!r} has no active supervisor to place {what} on",
+                                            level=Level.MANAGER.value, entity=LevelRef.manager(domain).entity_id))
+    return chosen
 
 
 async def judge_everywhere(domain: str, supervisor: str, check: PolicyCheck) -> None:
@@ -207,14 +218,8 @@ class SpawnAgentWorkflow:
 
     @staticmethod
     async def _place(req: SpawnAgentRequest) -> str:
-        """The domain picks the supervisor (``optimizeAgentPlacement``) by its placement strategy."""
-        info = await steps.placement_candidates(req.domain)
-        chosen = place(info.candidates, req.resources or DEFAULT_AGENT_RESOURCES, req.placement or info.strategy)
-        if chosen is None:
-            raise to_application_error(NotFound(f"domain {req.domain!r} has no active supervisor to place "
-                                                f"agent {req.name!r} on", level=Level.MANAGER.value,
-                                                entity=LevelRef.manager(req.domain).entity_id))
-        return chosen
+        return await place_in_domain(req.domain, req.resources or DEFAULT_AGENT_RESOURCES, req.placement,
+                                     f"agent {req.name!r}")
 
     @staticmethod
     async def _default_resources(supervisor: LevelRef) -> Resources:

@@ -18,7 +18,7 @@ with workflow.unsafe.imports_passed_through():
 
     from tetrarch.agent import AgentSpec, AgentState
     from tetrarch.decisions import PolicyCheck
-    from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, error_from_info
+    from tetrarch.errors import ErrorInfo, InvalidRequest, error_from_info
     from tetrarch.level import (
         AdmitAgents,
         AdmitResult,
@@ -29,14 +29,12 @@ with workflow.unsafe.imports_passed_through():
     )
     from tetrarch.level import ReleaseAgents as CountOut
     from tetrarch.models import LevelRef
-    from tetrarch.names import Level
     from tetrarch.operations import AgentInput, BatchAgentOutcome, BatchSpawnRequest, BatchSpawnResult
-    from tetrarch.placement import place
     from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
     from tetrarch.resources import KINDS, Resources, total
 
 from workflows import steps
-from workflows.agents import SpawnAgentWorkflow, first_by_precedence
+from workflows.agents import SpawnAgentWorkflow, first_by_precedence, place_in_domain
 from workflows.allocation import escalate, return_borrowed
 from workflows.common import (
     DOMAIN_KEY,
@@ -219,12 +217,6 @@ class BatchSpawnAgentsWorkflow:
 
     @staticmethod
     async def _place(req: BatchSpawnRequest) -> str:
-        """The domain places the whole batch where its total fits best (its placement strategy)."""
-        info = await steps.placement_candidates(req.domain)
+        """The domain places the whole batch where its total fits best."""
         need = total([a.resources or DEFAULT_AGENT_RESOURCES for a in req.agents])
-        chosen = place(info.candidates, need, req.placement or info.strategy)
-        if chosen is None:
-            raise to_application_error(NotFound(f"domain {req.domain!r} has no active supervisor for the batch",
-                                                level=Level.MANAGER.value,
-                                                entity=LevelRef.manager(req.domain).entity_id))
-        return chosen
+        return await place_in_domain(req.domain, need, req.placement, "the batch")

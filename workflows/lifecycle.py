@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     import pydantic
 
     from runtime.sandbox import MIN_MEMORY_MIB
-    from tetrarch.agent import AgentImage, Checkpoint, SwitchImage, TakeCheckpoint, TaskInput
+    from tetrarch.agent import AgentImage, AgentState, Checkpoint, SwitchImage, TakeCheckpoint, TaskInput
     from tetrarch.calls import LoadImage, RunTask, StateHook
     from tetrarch.decisions import PolicyCheck
     from tetrarch.errors import Conflict, InvalidRequest, NotFound, TetrarchError
@@ -53,14 +53,14 @@ def _refuse(err: TetrarchError) -> BaseException:
     return to_application_error(err)
 
 
-async def _running_agent(domain: str, name: str) -> tuple[LevelRef, str]:
-    """The agent (which must be running) and its supervisor."""
+async def _running_agent(domain: str, name: str) -> tuple[LevelRef, AgentState]:
+    """The agent (which must be running) and its state."""
     target = LevelRef.agent(domain, name)
     found = await steps.find_agent(target)
     if not found.running:
         raise _refuse(Conflict(f"agent {domain}/{name} is not running (it is {found.state.status.value})",
                                level="agent", entity=target.entity_id))
-    return target, found.state.spec.supervisor
+    return target, found.state
 
 
 async def _spawn_from(rid: str, domain: str, name: str, supervisor: str, cp: Checkpoint,
@@ -85,7 +85,8 @@ class CheckpointAgentWorkflow:
     async def run(self, req: CheckpointRequest) -> Checkpoint:
         _tag("CheckpointAgent", req.domain)
         rid = request_id(req.request_id)
-        target, supervisor = await _running_agent(req.domain, req.name)
+        target, state = await _running_agent(req.domain, req.name)
+        supervisor = state.spec.supervisor
         await judge_everywhere(req.domain, supervisor, PolicyCheck(
             operation=OperationType.CHECKPOINT, domain=req.domain, supervisor=supervisor, agent=req.name))
         return await steps.checkpoint_agent(target, TakeCheckpoint(request_id=rid, label=req.label))
@@ -126,7 +127,8 @@ class CloneAgentWorkflow:
     async def run(self, req: CloneRequest) -> LifecycleResult:
         _tag("CloneAgent", req.domain)
         rid = request_id(req.request_id)
-        target, supervisor = await _running_agent(req.domain, req.source)
+        target, source = await _running_agent(req.domain, req.source)
+        supervisor = source.spec.supervisor
         cp = await steps.checkpoint_agent(target, TakeCheckpoint(request_id=f"{rid}/clone", label=f"clone {req.name}"))
         spawned = await _spawn_from(rid, req.domain, req.name, req.supervisor or supervisor, cp, OperationType.CLONE)
         return LifecycleResult(operation="clone", domain=req.domain, agents=[spawned.agent.name],
@@ -146,8 +148,8 @@ class UpgradeAgentWorkflow:
     async def run(self, req: UpgradeRequest) -> LifecycleResult:
         _tag("UpgradeAgent", req.domain)
         rid = request_id(req.request_id)
-        target, supervisor = await _running_agent(req.domain, req.name)
-        state = (await steps.find_agent(target)).state
+        target, state = await _running_agent(req.domain, req.name)
+        supervisor = state.spec.supervisor
         old = state.spec.image_info
         if old is None:
             raise _refuse(InvalidRequest(f"agent {req.domain}/{req.name} runs no image; spawn it with one",
@@ -204,8 +206,8 @@ class SpecializeAgentWorkflow:
     async def run(self, req: SpecializeRequest) -> LifecycleResult:
         _tag("SpecializeAgent", req.domain)
         rid = request_id(req.request_id)
-        target, supervisor = await _running_agent(req.domain, req.name)
-        state = (await steps.find_agent(target)).state
+        target, state = await _running_agent(req.domain, req.name)
+        supervisor = state.spec.supervisor
         image = state.spec.image_info
         if image is None:
             raise _refuse(InvalidRequest(f"agent {req.domain}/{req.name} runs no image to specialize",
@@ -274,8 +276,8 @@ class SplitAgentWorkflow:
     async def run(self, req: SplitRequest) -> LifecycleResult:
         _tag("SplitAgent", req.domain)
         rid = request_id(req.request_id)
-        target, supervisor = await _running_agent(req.domain, req.name)
-        state = (await steps.find_agent(target)).state
+        _, state = await _running_agent(req.domain, req.name)
+        supervisor = state.spec.supervisor
         image = state.spec.image_info
         rules = image.manifest.state if image is not None else StateRules()
         try:
@@ -326,8 +328,7 @@ class MergeAgentsWorkflow:
             raise _refuse(InvalidRequest("each agent is merged once", level="supervisor"))
         states = []
         for n in names:
-            target, _ = await _running_agent(req.domain, n)
-            states.append((await steps.find_agent(target)).state)
+            states.append((await _running_agent(req.domain, n))[1])
         images = [s.spec.image_info for s in states]
         kinds = {i.manifest.name if i is not None else None for i in images}
         if len(kinds) > 1:
