@@ -439,6 +439,19 @@ class LevelState(BaseModel):
         return ChainLink(level=self.level.value, entity=self.entity_id, policy=self.policy, capacity=self.capacity,
                          agents=self.agent_count)
 
+    def trial(self) -> LevelState:
+        """A copy to try an admission on (``register_child``, ``register_children``, ``admit_agents``,
+        ``reserve``): new containers holding the same records.
+
+        Those changes only add or replace entries, never change a record in place, so trying one here
+        leaves this state untouched, at the cost of copying the containers (not a deep copy, which
+        took 67 ms per Update for a supervisor with 1,000 agents).
+        """
+        return self.model_copy(update={
+            "children": dict(self.children), "admitted_agents": dict(self.admitted_agents),
+            "grants": dict(self.grants), "agent_failures": dict(self.agent_failures),
+            "dependencies": dict(self.dependencies)})
+
     def judge(self, check: PolicyCheck, cache: DecisionCache | None = None) -> Verdict:
         """This level's own verdict on ``check`` (cached when a cache is given)."""
         link = self.link()
@@ -492,7 +505,7 @@ class LevelState(BaseModel):
         refused on its own, in order.
         """
         if req.all_or_nothing:
-            trial = self.model_copy(deep=True)
+            trial = self.trial()
             refusals: list[tuple[str, TetrarchError]] = []
             for child in req.children:
                 try:
@@ -679,8 +692,8 @@ class LevelState(BaseModel):
                       request_id=req.request_id, priority=req.priority if not is_sup else child.priority,
                       spawn=req.spawn, created_at=now)
         self.grants[req.key] = grant
-        if after is not None:
-            child.resources = after
+        if after is not None:  # replaced, not changed in place: a trial copy shares the records (see trial)
+            self.children[req.child] = child.model_copy(update={"resources": after})
         self.updated_at = now
         return ReserveResult(grant=grant, remainder=rest, created=True, agent_total=self._agent_total(req.child))
 

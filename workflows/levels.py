@@ -181,6 +181,13 @@ class ManagementEntity(EntityLoop):
         except TetrarchError as e:
             raise to_application_error(e) from None
 
+    def _try(self, change: Callable[[LevelState], Any]) -> None:
+        """:meth:`_dry_run` for admissions, on :meth:`LevelState.trial` (no deep copy)."""
+        try:
+            change(self.state.trial())
+        except TetrarchError as e:
+            raise to_application_error(e) from None
+
     def _apply(self, change: Callable[[LevelState], T]) -> T:
         try:
             result = change(self.state)
@@ -319,7 +326,7 @@ class ManagementEntity(EntityLoop):
 
     @register_child.validator
     def _validate_register_child(self, req: RegisterChild) -> None:
-        self._dry_run(lambda s: s.register_child(req, workflow.now()))
+        self._try(lambda s: s.register_child(req, workflow.now()))
 
     @workflow.update
     def register_children(self, req: RegisterChildren) -> RegisterChildrenResult:
@@ -329,7 +336,7 @@ class ManagementEntity(EntityLoop):
     @register_children.validator
     def _validate_register_children(self, req: RegisterChildren) -> None:
         if req.all_or_nothing:
-            self._dry_run(lambda s: s.register_children(req, workflow.now()))
+            self._try(lambda s: s.register_children(req, workflow.now()))
 
     @workflow.update
     def reconfigure_child(self, req: ReconfigureChild) -> ReconfigureResult:
@@ -378,7 +385,7 @@ class ManagementEntity(EntityLoop):
 
     @admit_agents.validator
     def _validate_admit_agents(self, req: AdmitAgents) -> None:
-        self._dry_run(lambda s: s.admit_agents(req, workflow.now()))
+        self._try(lambda s: s.admit_agents(req, workflow.now()))
 
     @workflow.update
     def release_agents(self, req: ReleaseAgents) -> AdmitResult:
@@ -412,7 +419,7 @@ class ManagementEntity(EntityLoop):
 
     @reserve.validator
     def _validate_reserve(self, req: Reserve) -> None:
-        self._dry_run(lambda s: s.reserve(req, workflow.now()))
+        self._try(lambda s: s.reserve(req, workflow.now()))
 
     @workflow.update
     def release_grants(self, req: ReleaseGrants) -> ReleasedGrants:

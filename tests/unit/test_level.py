@@ -761,3 +761,53 @@ class LevelMachine(RuleBasedStateMachine):
 
 LevelMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
 test_level_pool_invariants = LevelMachine.TestCase
+
+
+# -- trials: admissions are tried on a shallow copy by the entities' Update validators ----------------
+
+
+def _supervisor_with_agents() -> LevelState:
+    from tetrarch.decisions import PolicyCheck
+    from tetrarch.policy import OperationType
+
+    sup = make_level(Level.SUPERVISOR, capacity=res(2, "2Gi"))
+    for i in range(3):
+        sup.register_child(RegisterChild(request_id=f"r{i}", name=f"a{i}", resources=res(0.25, "256Mi"),
+                                         check=PolicyCheck(operation=OperationType.SPAWN, domain="research",
+                                                           supervisor="sup-1", agent=f"a{i}"), escalate=True), T0)
+    return sup
+
+
+def _trial_changes() -> list[tuple[str, Callable[[LevelState], Any]]]:
+    from tetrarch.decisions import PolicyCheck
+    from tetrarch.level import AdmitAgents, RegisterChildren, Reserve
+    from tetrarch.policy import OperationType
+
+    check = PolicyCheck(operation=OperationType.SPAWN, domain="research", supervisor="sup-1")
+    many = RegisterChildren(request_id="b", all_or_nothing=False, children=[
+        RegisterChild(request_id="b", name=f"b{i}", resources=res(0.5, "512Mi"), escalate=True) for i in range(4)])
+    return [
+        ("register a new agent", lambda s: s.register_child(reg("new", res(0.5, "512Mi")), LATER)),
+        ("register one that borrows", lambda s: s.register_child(
+            RegisterChild(request_id="x", name="big", resources=res(4, "4Gi"), escalate=True), LATER)),
+        ("register a batch", lambda s: s.register_children(many, LATER)),
+        ("register a batch all or nothing", lambda s: s.register_children(
+            many.model_copy(update={"all_or_nothing": True}), LATER)),
+        ("reserve more for an agent", lambda s: s.reserve(Reserve(
+            request_id="q", key="research/a0#q", child="a0", resources=res(1, "1Gi"),
+            check=check.model_copy(update={"agent": "a0"})), LATER)),
+        ("count agents in", lambda s: s.admit_agents(AdmitAgents(
+            request_id="c", agents=["research/z1", "research/z2"], check=check.model_copy(update={"count": 2}),
+            depends_on={"research/z2": ["research/z1"]}), LATER)),
+    ]
+
+
+@pytest.mark.parametrize("what", [name for name, _ in _trial_changes()])
+def test_an_admission_tried_on_a_trial_copy_leaves_the_state_untouched(what: str) -> None:
+    change = dict(_trial_changes())[what]
+    sup = _supervisor_with_agents()
+    before = sup.model_dump()
+    trial = sup.trial()
+    change(trial)
+    assert trial.model_dump() != before, "the change did nothing, so the test shows nothing"
+    assert sup.model_dump() == before, f"trying '{what}' changed the real state"
