@@ -10,10 +10,10 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from activities.calls import domain_error, query, raise_translated, update
+from activities.calls import domain_error, query, queue_of, raise_translated, uninterrupted, update
 from runtime.sandbox import TaskLimits, TaskRequest, run_task
 from tetrarch.agent import AgentLookup, AgentState, Checkpoint, StopAgent, TaskResult, Throttle
 from tetrarch.calls import (
@@ -36,7 +36,7 @@ from tetrarch.errors import ErrorInfo, InvalidRequest, NotFound, TetrarchError
 from tetrarch.images import ImageTampered, open_verified
 from tetrarch.level import ChildLookup, ChildRef
 from tetrarch.models import AgentStatus, LevelRef
-from tetrarch.names import agent_id
+from tetrarch.names import Level, agent_id
 from tetrarch.operations import AgentInput, EntitySettings
 from tetrarch.tasks import task_limits
 from workflows.agent import AgentWorkflow
@@ -52,20 +52,28 @@ class AgentActivities:
 
     @activity.defn
     async def start_agent(self, inp: AgentInput) -> AgentState:
-        """Start the agent entity, or find it running (its state tells which supervisor holds it)."""
+        """Start the agent entity, or find it running (its state tells which supervisor holds it).
+
+        A new run is not waited for: it starts from ``inp``'s state and reports itself running from its
+        first task. Waiting for that task (a Query) cost a workflow task's round trip on every spawn.
+        """
         spec = inp.agent_state.spec
-        await self.client.start_workflow(
-            AgentWorkflow.run, inp, id=inp.agent_state.entity_id, task_queue=activity.info().task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes([
-                SearchAttributePair(LEVEL_KEY, "agent"), SearchAttributePair(DOMAIN_KEY, spec.domain),
-                SearchAttributePair(SUPERVISOR_KEY, spec.supervisor),
-                SearchAttributePair(AGENT_STATUS_KEY, inp.agent_state.status.value)]))
+        try:
+            await uninterrupted(self.client.start_workflow(
+                AgentWorkflow.run, inp, id=inp.agent_state.entity_id, task_queue=queue_of(Level.AGENT),
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(LEVEL_KEY, "agent"), SearchAttributePair(DOMAIN_KEY, spec.domain),
+                    SearchAttributePair(SUPERVISOR_KEY, spec.supervisor),
+                    SearchAttributePair(AGENT_STATUS_KEY, inp.agent_state.status.value)])))
+            return inp.agent_state
+        except WorkflowAlreadyStartedError:
+            pass  # running already: a retried start, or an agent of this name (its state says whose)
         state = await query(self.client, LevelRef.agent(spec.domain, spec.name), AgentWorkflow.describe,
                             AgentState)
         if state.status in (AgentStatus.STOPPING, AgentStatus.STOPPED):
             # An earlier agent of this name is finishing its stop: wait for its run to close, then a
-            # retry starts the new one (USE_EXISTING would otherwise hand back the old run).
+            # retry starts the new one.
             raise ApplicationError(f"{state.entity_id} is still stopping; retrying", type="AgentStopping")
         return state
 

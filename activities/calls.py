@@ -8,10 +8,14 @@ retryable and the activity's retry policy handles them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel
+from temporalio import activity
 from temporalio.client import (
     Client,
     WorkflowHandle,
@@ -25,10 +29,40 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from tetrarch.errors import ErrorInfo, NotFound, TetrarchError
 from tetrarch.models import LevelRef
+from tetrarch.names import Level, TaskQueues
 
 R = TypeVar("R")
 
 _OPEN_ONLY = QueryRejectCondition.NOT_OPEN
+
+
+def queue_of(level: Level | str) -> str:
+    """The task queue of ``level`` in this deployment, from the queue this activity runs for.
+
+    Every queue is ``<prefix><level>``. A regular activity runs on the queue of the level it acts on;
+    a local one runs on its calling workflow's queue, which may be another level's, so the queue a
+    started workflow belongs on is derived here rather than taken as it is.
+    """
+    here = activity.info().task_queue
+    prefix = next((here[: -len(lv.value)] for lv in Level if here.endswith(lv.value)), "")
+    return TaskQueues(prefix).for_level(Level(level))
+
+
+async def uninterrupted(call: Awaitable[R]) -> R:
+    """Finish ``call`` even when the activity is cancelled meanwhile, then let the cancellation through.
+
+    A change sent to an entity may land even if its sender gave up half-way; the calling workflow's
+    compensation must run after it lands, never before, or it undoes nothing and the change stays.
+    Local activities are cancelled at once with their workflow, so every change is sent this way
+    (and the workflow waits for the cancelled activity to end: see ``workflows.steps``).
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
 
 
 def domain_error(err: TetrarchError) -> ApplicationError:
@@ -89,7 +123,7 @@ async def update(client: Client, target: LevelRef, method: Any, arg: Any, result
     handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(target.entity_id)
     update_id = f"{request_id}:{method.__name__}:{_digest(arg)}" if request_id else None
     try:
-        result = await handle.execute_update(method, arg, id=update_id, result_type=result_type)
+        result = await uninterrupted(handle.execute_update(method, arg, id=update_id, result_type=result_type))
     except (WorkflowUpdateFailedError, RPCError) as e:
         raise_translated(e, target)
     return result  # type: ignore[no-any-return]

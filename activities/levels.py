@@ -21,7 +21,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from activities.calls import domain_error, query, update
+from activities.calls import domain_error, query, queue_of, uninterrupted, update
 from tetrarch.agent import AgentImage, AgentState
 from tetrarch.bootstrap import CurrentHierarchy
 from tetrarch.calls import (
@@ -95,10 +95,10 @@ class LevelActivities:
             attrs.append(SearchAttributePair(DOMAIN_KEY, st.domain))
         if st.level is Level.SUPERVISOR:
             attrs.append(SearchAttributePair(SUPERVISOR_KEY, st.name))
-        await self.client.start_workflow(
-            ENTITY_RUN[st.level], inp, id=st.entity_id, task_queue=activity.info().task_queue,
+        await uninterrupted(self.client.start_workflow(
+            ENTITY_RUN[st.level], inp, id=st.entity_id, task_queue=queue_of(st.level),
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            search_attributes=TypedSearchAttributes(attrs))
+            search_attributes=TypedSearchAttributes(attrs)))
         view = await query(self.client, target, ManagementEntity.describe, LevelView)
         if view.pool.capacity != st.capacity:
             raise domain_error(Conflict(
@@ -309,13 +309,12 @@ class LevelActivities:
     @activity.defn
     async def start_operation(self, call: StartOperation) -> str:
         """Start an operation workflow for an entity (an agent's own request); its id either way."""
-        here = activity.info().task_queue  # <prefix>supervisor: the operation runs on <prefix><level>
-        queue = here[: -len(Level.SUPERVISOR.value)] + call.level if here.endswith(Level.SUPERVISOR.value) else here
+        queue = queue_of(call.level)
         # Started by an earlier attempt, or a repeated request: the same operation either way.
         with contextlib.suppress(WorkflowAlreadyStartedError):
-            await self.client.start_workflow(
+            await uninterrupted(self.client.start_workflow(
                 call.workflow, call.input, id=call.workflow_id, task_queue=queue,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE)
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE))
         return call.workflow_id
 
     @activity.defn
@@ -337,7 +336,7 @@ class LevelActivities:
         wid = f"enforce-quotas/{w.domain}/{w.agent}/{int(w.since.timestamp() * 1000)}"
         try:
             handle: WorkflowHandle[Any, Any] = await self.client.start_workflow(
-                "EnforceAgentQuotas", w, id=wid, task_queue=activity.info().task_queue,
+                "EnforceAgentQuotas", w, id=wid, task_queue=queue_of(Level.SUPERVISOR),
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 search_attributes=TypedSearchAttributes([
                     SearchAttributePair(OPERATION_KEY, "EnforceAgentQuotas"),

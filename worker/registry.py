@@ -59,20 +59,29 @@ ALL_WORKFLOWS: list[type] = list(dict.fromkeys(wf for wfs in WORKFLOWS_BY_LEVEL.
 
 
 def activities_for(level: Level, client: Any) -> list[Callable[..., Any]]:
-    """The bound activity methods a level's worker registers."""
+    """The bound activity methods a level's worker registers.
+
+    Each level runs the activities that act on it, plus every entity call (``steps.LOCAL_CALLS``):
+    those run as local activities in whichever worker runs the calling workflow.
+    """
     from activities.agents import AgentActivities
     from activities.levels import LevelActivities
+    from workflows.steps import LOCAL_CALLS
 
+    a, lv = AgentActivities(client), LevelActivities(client)
+    own: list[Callable[..., Any]]
     if level is Level.AGENT:
-        a = AgentActivities(client)
-        return [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent,
-                a.run_task, a.checkpoint_agent, a.switch_agent_image, a.agent_liveness, a.restart_agent,
-                a.run_state_hook]
-    lv = LevelActivities(client)
-    return [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
-            lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
-            lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
-            lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,
-            lv.transfer_capacity, lv.mark_quota, lv.read_pool, lv.read_ledger, lv.read_child, lv.check_allocation,
-            lv.placement_candidates, lv.start_quota_watch, lv.load_image, lv.record_agent_failure,
-            lv.read_dependents, lv.start_operation, lv.read_grant]
+        own = [a.start_agent, a.start_agents, a.find_agent, a.stop_agent, a.discard_agent, a.throttle_agent,
+               a.run_task, a.checkpoint_agent, a.switch_agent_image, a.agent_liveness, a.restart_agent,
+               a.run_state_hook]
+    else:
+        own = [lv.start_level, lv.describe_level, lv.register_child, lv.register_children, lv.reconfigure_child,
+               lv.begin_child_removal, lv.cancel_child_removal, lv.unregister_child, lv.configure_level,
+               lv.begin_removal, lv.cancel_removal, lv.close_level, lv.read_hierarchy, lv.admit_agents,
+               lv.release_agents, lv.set_policy, lv.judge, lv.reserve, lv.release_grants, lv.set_reclaiming,
+               lv.transfer_capacity, lv.mark_quota, lv.read_pool, lv.read_ledger, lv.read_child,
+               lv.check_allocation, lv.placement_candidates, lv.start_quota_watch, lv.load_image,
+               lv.record_agent_failure, lv.read_dependents, lv.start_operation, lv.read_grant]
+    names = {fn.__name__ for fn in own}
+    local = [getattr(a if hasattr(a, fn.__name__) else lv, fn.__name__) for fn in LOCAL_CALLS]
+    return own + sorted((fn for fn in local if fn.__name__ not in names), key=lambda fn: fn.__name__)

@@ -48,6 +48,7 @@ from workflows.common import (
     Saga,
     error_info,
     gather_all,
+    guarded,
     reraise,
     to_application_error,
 )
@@ -101,7 +102,7 @@ class SpawnAgentWorkflow:
         supervisor = LevelRef.supervisor(req.domain, sup_name)
         key = f"{req.domain}/{req.name}"
         saga = Saga()
-        try:
+        try:  # nothing is taken before the steps below, so a failure or cancellation here simply ends
             image = None
             # Runs recorded before images were loaded went on without this step (they replay unchanged).
             loads_image = bool(req.image) and workflow.patched("spawn-loads-image")
@@ -113,6 +114,10 @@ class SpawnAgentWorkflow:
             check = PolicyCheck(operation=req.operation, domain=req.domain, supervisor=sup_name,
                                 agent=req.name, resources=resources)
             await self._await_dependencies(req)
+        except BaseException as e:
+            reraise(e)
+
+        async def forward(image: AgentImage | None) -> AgentResult:
             admit = AdmitAgents(request_id=rid, agents=[key], check=check,
                                 depends_on={key: [f"{req.domain}/{dep}" for dep in req.depends_on]})
             # Compensations first, scoped to this request: they undo only what it took, so they are
@@ -165,8 +170,10 @@ class SpawnAgentWorkflow:
                     level="agent", entity=state.entity_id))
             return AgentResult(agent=reg.child, created=reg.created, supervisor=sup_name,
                                borrowed=reg.grant.borrowed if reg.grant is not None else None)
+
+        try:
+            return await guarded(saga, forward(image))
         except BaseException as e:
-            await saga.compensate()
             reraise(e)
 
     async def _where(self, req: SpawnAgentRequest) -> str:

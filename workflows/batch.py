@@ -43,6 +43,7 @@ from workflows.common import (
     Saga,
     error_info,
     gather_all,
+    guarded,
     reraise,
     to_application_error,
 )
@@ -80,7 +81,8 @@ class BatchSpawnAgentsWorkflow:
         keys = {a.name: f"{req.domain}/{a.name}" for a in req.agents}
         orchestrator, manager = LevelRef.orchestrator(), LevelRef.manager(req.domain)
         saga = Saga()
-        try:
+
+        async def forward() -> BatchSpawnResult:
             count_out = CountOut(request_id=f"{rid}/undo", agents=list(keys.values()), owner=rid)
             for level in (orchestrator, manager):
                 saga.add(f"count the batch out at {level.entity_id}",
@@ -120,11 +122,12 @@ class BatchSpawnAgentsWorkflow:
                 raise to_application_error(error_from_info(next(iter(refused.values()))))
             await self._undo_refused(supervisor, keys, refused, rid)
             refused |= await self._escalate(req, sup_name, results, refused, rid, saga)
-            started = await self._start(req, sup_name, resources, results, refused, rid, saga)
+            return await self._start(req, sup_name, resources, results, refused, rid, saga)
+
+        try:
+            return await guarded(saga, forward())
         except BaseException as e:
-            await saga.compensate()
             reraise(e)
-        return started
 
     @staticmethod
     async def _unregister(supervisor: LevelRef, names: list[str], rid: str, tag: str = "undo") -> None:

@@ -6,6 +6,7 @@ Only deterministic code lives here: it runs inside workflows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, NoReturn, TypeVar
@@ -99,6 +100,31 @@ class Saga:
             except (Exception, asyncio.CancelledError) as e:  # one failed undo must not stop the others
                 workflow.logger.error("compensation %s failed: %s", what, e)
         self._undo.clear()
+
+
+async def guarded(saga: Saga, forward: Awaitable[T]) -> T:
+    """Run an operation's steps; if they fail, undo them. If the operation is cancelled, its steps first
+    run to their end, and then all of them are undone.
+
+    Steps reach the levels through local activities, whose results are recorded only when the workflow
+    task completes. A cancellation that arrives meanwhile makes the server refuse that completion, so the
+    workflow runs again from its history: without the steps' results, interrupted at its first step. The
+    levels have seen every step of the lost attempt, but the compensations of the later steps would
+    never have been registered. Running the steps to their end again (each is idempotent on the request
+    id) registers every compensation before any runs.
+    """
+    task = asyncio.ensure_future(forward)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            with contextlib.suppress(BaseException):
+                await task
+        await saga.compensate()
+        raise
+    except BaseException:
+        await saga.compensate()
+        raise
 
 
 async def gather_all(*aws: Awaitable[T]) -> list[T]:

@@ -34,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.resources import Resources
 
 from workflows import steps
-from workflows.common import Saga, error_info, gather_all, reraise
+from workflows.common import Saga, error_info, gather_all, guarded, reraise
 
 
 def request_id(given: str) -> str:
@@ -46,15 +46,18 @@ async def create_level(parent: LevelRef, child: LevelState, rid: str,
                        settings: EntitySettings | None = None) -> tuple[RegisterResult, bool]:
     """Admit ``child`` at ``parent`` and start its entity. Returns the registration and whether new."""
     saga = Saga()
-    try:
+
+    async def forward() -> tuple[RegisterResult, bool]:
         saga.add(f"unregister {child.name}",
                  lambda: steps.unregister_child(parent, child.name, f"{rid}/undo", owner=rid))
         reg = await steps.register_child(parent, RegisterChild(
             request_id=rid, name=child.name, resources=child.capacity, policy=child.policy))
         await steps.start_level(LevelInput(level_state=child, settings=settings or EntitySettings()))
         return reg, reg.created
+
+    try:
+        return await guarded(saga, forward())
     except BaseException as e:
-        await saga.compensate()
         reraise(e)
 
 
@@ -62,7 +65,8 @@ async def configure_level(parent: LevelRef, target: LevelRef, name: str, resourc
                           policy: Policy | None, rid: str) -> ReconfigureResult:
     """Resize ``name``'s slice at ``parent`` and apply it at ``target``; undo at the parent if refused."""
     saga = Saga()
-    try:
+
+    async def forward() -> ReconfigureResult:
         rc = await steps.reconfigure_child(parent, ReconfigureChild(
             request_id=rid, name=name, resources=resources, policy=policy))
         saga.add(f"restore {name}", lambda: steps.reconfigure_child(parent, ReconfigureChild(
@@ -70,8 +74,10 @@ async def configure_level(parent: LevelRef, target: LevelRef, name: str, resourc
             policy=rc.previous_policy)))
         await steps.configure_level(target, ConfigureLevel(request_id=rid, resources=resources, policy=policy))
         return rc
+
+    try:
+        return await guarded(saga, forward())
     except BaseException as e:
-        await saga.compensate()
         reraise(e)
 
 
@@ -79,8 +85,9 @@ async def remove_level(parent: LevelRef, target: LevelRef, name: str, drain: boo
                        drain_child: Callable[[str], Awaitable[object]]) -> RemovalResult:
     """Remove ``target`` (child ``name`` of ``parent``), draining its children first if asked."""
     saga = Saga()
-    drained: list[str] = []
-    try:
+
+    async def forward() -> RemovalResult:
+        drained: list[str] = []
         await steps.begin_child_removal(parent, name, rid)
         saga.add(f"reactivate {name} at parent", lambda: steps.cancel_child_removal(parent, name, rid))
         gone = False
@@ -100,7 +107,9 @@ async def remove_level(parent: LevelRef, target: LevelRef, name: str, drain: boo
             await steps.close_level(target, BeginRemoval(request_id=rid))
         released = await steps.unregister_child(parent, name, rid)
         return RemovalResult(entity_id=target.entity_id, released=released.released, drained=drained)
+
+    try:
+        return await guarded(saga, forward())
     except BaseException as e:
-        await saga.compensate()
         reraise(e)
 

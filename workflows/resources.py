@@ -16,7 +16,15 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.calls import CheckAllocation
     from tetrarch.decisions import ChainLink, PolicyCheck, effective
     from tetrarch.errors import InvalidRequest, NotFound
-    from tetrarch.level import ConfigureLevel, QuotaMark, Reclaiming, ReleaseGrants, Reserve, TransferCapacity
+    from tetrarch.level import (
+        ConfigureLevel,
+        QuotaMark,
+        Reclaiming,
+        ReleaseGrants,
+        Reserve,
+        ReserveResult,
+        TransferCapacity,
+    )
     from tetrarch.models import AgentStatus, LevelRef, LevelView, PoolView
     from tetrarch.names import Level
     from tetrarch.operations import StopAgentRequest
@@ -47,6 +55,7 @@ from workflows.common import (
     SUPERVISOR_KEY,
     Saga,
     error_info,
+    guarded,
     queues,
     reraise,
     to_application_error,
@@ -79,7 +88,8 @@ class AllocateResourcesWorkflow:
         check = PolicyCheck(operation=OperationType.ALLOCATE, domain=req.domain, supervisor=sup_name,
                             agent=req.agent, resources=req.resources)
         saga = Saga()
-        try:
+
+        async def forward() -> tuple[ReserveResult, dict[str, Resources]]:
             undo = ReleaseGrants(request_id=f"{rid}/undo", keys=[key], owner=rid)
             saga.add(f"return {key} to {supervisor.entity_id}", lambda: steps.release_grants(supervisor, undo))
             # The supervisor judges the three levels' policies on the agent's live total, then pays its share.
@@ -90,8 +100,11 @@ class AllocateResourcesWorkflow:
             parts = {Level.SUPERVISOR.value: first.grant.own}
             parts |= await escalate(saga, rid, key, req.domain, sup_name, first.remainder, above,
                                     first.grant.priority)
+            return first, parts
+
+        try:
+            first, parts = await guarded(saga, forward())
         except BaseException as e:
-            await saga.compensate()
             reraise(e)
         served_by = next((lv for lv in _ORDER if not parts.get(lv, Resources()).is_zero()), Level.SUPERVISOR.value)
         return AllocationResult(allocation_id=rid, key=key, domain=req.domain, supervisor=sup_name, agent=req.agent,
@@ -163,7 +176,8 @@ class BalanceSupervisorLoadWorkflow:
         manager = LevelRef.manager(domain)
         src_cap, dst_cap = pools[move.source].capacity, pools[move.target].capacity
         saga = Saga()
-        try:
+
+        async def forward() -> None:
             saga.add(f"restore {move.source}", lambda: steps.configure_level(
                 source, ConfigureLevel(request_id=f"{rid}/undo-src", resources=src_cap)))
             await steps.configure_level(source, ConfigureLevel(request_id=f"{rid}/src",
@@ -174,9 +188,8 @@ class BalanceSupervisorLoadWorkflow:
                                                                     target=move.target, resources=move.resources))
             await steps.configure_level(target, ConfigureLevel(request_id=f"{rid}/dst",
                                                                resources=dst_cap + move.resources))
-        except BaseException:
-            await saga.compensate()
-            raise
+
+        await guarded(saga, forward())
         pools[move.source] = pools[move.source].model_copy(update={"capacity": src_cap.minus(move.resources)})
         pools[move.target] = pools[move.target].model_copy(update={"capacity": dst_cap + move.resources})
 
