@@ -83,7 +83,7 @@ async def place_in_domain(domain: str, need: Resources, strategy: PlacementStrat
 async def judge_everywhere(domain: str, supervisor: str, check: PolicyCheck) -> None:
     """Ask the three levels for their verdicts at once; raise the highest denial, if any."""
     chain = [LevelRef.orchestrator(), LevelRef.manager(domain), LevelRef.supervisor(domain, supervisor)]
-    verdicts = await asyncio.gather(*(steps.judge(target, check) for target in chain))
+    verdicts = await steps.gather(*(steps.judge(target, check) for target in chain))
     for target, verdict in zip(chain, verdicts, strict=True):
         if not verdict.allowed:
             raise to_application_error(PolicyDenied(verdict.reason, level=verdict.level, entity=target.entity_id,

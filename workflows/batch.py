@@ -29,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from tetrarch.level import ReleaseAgents as CountOut
     from tetrarch.models import LevelRef
-    from tetrarch.operations import AgentInput, BatchAgentOutcome, BatchSpawnRequest, BatchSpawnResult
+    from tetrarch.operations import AgentInput, BatchAgentOutcome, BatchSpawnRequest, BatchSpawnResult, EntitySettings
     from tetrarch.policy import DEFAULT_AGENT_RESOURCES, OperationType
     from tetrarch.resources import KINDS, Resources, total
 
@@ -186,7 +186,8 @@ class BatchSpawnAgentsWorkflow:
             created = bool(reg is not None and reg.created)
             spec = AgentSpec(domain=req.domain, supervisor=sup_name, name=a.name, resources=resources[a.name],
                              image=a.image, labels=a.labels, request_id=rid if created else "")
-            inputs.append(AgentInput(agent_state=AgentState(spec=spec, started_at=now, updated_at=now)))
+            inputs.append(AgentInput(agent_state=AgentState(spec=spec, started_at=now, updated_at=now),
+                                     settings=req.settings or EntitySettings()))
         for a in todo:
             target = LevelRef.agent(req.domain, a.name)
             saga.add(f"discard {target.entity_id}", lambda t=target: steps.discard_agent(t, rid))  # type: ignore[misc]

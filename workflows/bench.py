@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from temporalio import workflow
+from datetime import timedelta
+
+from temporalio import activity, workflow
 
 
 @workflow.defn(name="BenchNoop")
@@ -39,6 +41,28 @@ class NoopEntityWorkflow:
         return self.touched
 
     @workflow.signal
+    def ping(self) -> None:
+        """A signal's round trip: counted like an Update, but the sender does not wait for it."""
+        self.touched += 1
+
+    @workflow.signal
     def stop(self) -> None:
         """Let the run finish."""
         self.done = True
+
+
+@activity.defn(name="bench_noop_activity")
+async def noop_activity() -> None:
+    """Does nothing: an activity's round trip is all it costs."""
+
+
+@workflow.defn(name="BenchOneActivity")
+class OneActivityWorkflow:
+    """Runs one no-op activity (``local`` picks a local activity), then returns."""
+
+    @workflow.run
+    async def run(self, local: bool) -> None:
+        if local:
+            await workflow.execute_local_activity(noop_activity, start_to_close_timeout=timedelta(seconds=10))
+        else:
+            await workflow.execute_activity(noop_activity, start_to_close_timeout=timedelta(seconds=10))

@@ -10,8 +10,6 @@ policy would refuse, and changes nothing.
 
 from __future__ import annotations
 
-import asyncio
-
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
@@ -66,7 +64,7 @@ class SetPolicyWorkflow:
         if target.level is Level.SUPERVISOR:
             assert target.domain is not None
             above.append(LevelRef.manager(target.domain))
-        views = await asyncio.gather(*(steps.describe_level(ref) for ref in [*above, target]))
+        views = await steps.gather(*(steps.describe_level(ref) for ref in [*above, target]))
         above_views, mine = list(views[:-1]), views[-1]
         parent_effective = effective([_link(v) for v in above_views])
         found = conflicts(new, mine.pool.capacity, parent_effective)
@@ -102,8 +100,8 @@ class SetPolicyWorkflow:
         if target.level is Level.MANAGER:
             sups = [LevelRef.supervisor(view.name, c.name) for c in view.children]
         else:
-            managers = await asyncio.gather(*(steps.describe_level(LevelRef.manager(c.name))
+            managers = await steps.gather(*(steps.describe_level(LevelRef.manager(c.name))
                                               for c in view.children))
             sups = [LevelRef.supervisor(m.name, c.name) for m in managers for c in m.children]
-        sup_views = await asyncio.gather(*(steps.describe_level(s) for s in sups))
+        sup_views = await steps.gather(*(steps.describe_level(s) for s in sups))
         return [(f"{v.domain}/{c.name}", c.resources) for v in sup_views for c in v.children]

@@ -156,7 +156,7 @@ class BalanceSupervisorLoadWorkflow:
         rid = request_id(req.request_id)
         manager = await steps.describe_level(LevelRef.manager(req.domain))
         names = [c.name for c in manager.children if c.status.value == "active"]
-        pools = await asyncio.gather(*(steps.read_pool(LevelRef.supervisor(req.domain, n)) for n in names))
+        pools = await steps.gather(*(steps.read_pool(LevelRef.supervisor(req.domain, n)) for n in names))
         by_name: dict[str, PoolView] = dict(zip(names, pools, strict=True))
         result = BalanceResult(domain=req.domain, planned=plan_balance(by_name))
         if req.dry_run:
@@ -326,7 +326,7 @@ class EnforceAgentQuotasWorkflow:
         rid = request_id(watch.request_id)
         refs = [LevelRef.orchestrator(), LevelRef.manager(watch.domain), LevelRef.supervisor(watch.domain,
                                                                                              watch.supervisor)]
-        views: list[LevelView] = list(await asyncio.gather(*(steps.describe_level(r) for r in refs)))
+        views: list[LevelView] = list(await steps.gather(*(steps.describe_level(r) for r in refs)))
         eff = effective([ChainLink(level=v.level.value, entity=v.id, policy=v.policy, capacity=v.pool.capacity,
                                    agents=v.agents) for v in views])
         deadline = watch.since + timedelta(seconds=eff.quota_grace_seconds)

@@ -1,11 +1,14 @@
-"""Typed wrappers that run one activity on the task queue of the level it acts on.
+"""Typed wrappers that run one step of an operation: one activity, with a timeout and a retry policy.
 
-Operation workflows read as a list of steps (``await steps.register_child(...)``) while every call
-still goes through ``execute_activity_method`` with a timeout and a retry policy.
+Operation workflows read as a list of steps (``await steps.register_child(...)``). A step that only
+calls another level's entity runs as a local activity in this workflow's worker (``LOCAL_CALLS``);
+any other step is an activity on the task queue of the level it acts on.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -92,7 +95,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.pools import LedgerSnapshot
     from tetrarch.resource_ops import AllocationCheck
 
-from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, queues
+from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, gather_all, queues
 
 R = TypeVar("R")
 
@@ -125,13 +128,37 @@ LOCAL_CALLS: frozenset[Any] = frozenset({
 })
 
 
+async def gather(*calls: Awaitable[R]) -> list[R]:
+    """Run steps at once and return their results; if any failed, raise the first failure once every
+    step has ended.
+
+    A workflow must not end while one of its local activities is still out: the SDK then records
+    that activity's result after the workflow's last command and the server refuses the task (seen:
+    "FailWorkflowExecution must be the last command", the workflow stuck retrying). Runs recorded
+    before local calls keep the plain gather they were recorded with.
+    """
+    if workflow.patched(LOCAL_ENTITY_CALLS):
+        return await gather_all(*calls)
+    return list(await asyncio.gather(*calls))
+
+
+def _here() -> Level | None:
+    """The level whose queue this workflow runs on."""
+    tq = workflow.info().task_queue
+    return next((lv for lv in Level if tq.endswith(lv.value)), None)
+
+
 async def _run(method: Any, arg: Any, level: Level) -> Any:
-    if method in LOCAL_CALLS and workflow.patched(LOCAL_ENTITY_CALLS):
-        # A cancelled workflow waits for the call to end (it finishes what it sent: activities.calls
-        # .uninterrupted), so its compensations run after the change they undo, never before.
+    # Only calls to another level's entities run locally. A local activity holds its workflow's task
+    # slot while it runs; an entity on this same queue needs a slot of this same worker to answer, so
+    # enough operations calling it at once took every slot and waited on each other (seen: a drain of
+    # 160 agents, every StopAgent stuck). Same-queue calls are activities, dispatched eagerly.
+    if method in LOCAL_CALLS and level is not _here() and workflow.patched(LOCAL_ENTITY_CALLS):
+        # Not waited for when cancelled: an operation's own cancellation never reaches its steps
+        # (common.guarded), and waiting raced the SDK (a call ending as its cancellation arrived left
+        # the workflow waiting forever). A cancelled call still finishes what it sent (calls.uninterrupted).
         return await workflow.execute_local_activity_method(
-            method, arg, start_to_close_timeout=ENTITY_CALL_TIMEOUT, retry_policy=ENTITY_CALL_RETRY,
-            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)
+            method, arg, start_to_close_timeout=ENTITY_CALL_TIMEOUT, retry_policy=ENTITY_CALL_RETRY)
     return await workflow.execute_activity_method(
         method, arg, task_queue=queues().for_level(level), start_to_close_timeout=ENTITY_CALL_TIMEOUT,
         retry_policy=ENTITY_CALL_RETRY)

@@ -146,7 +146,7 @@ class ScaleSupervisorsWorkflow:
 
         # Decide on what each supervisor holds now, not on its last report (which may predate a spawn).
         active = [c.name for c in view.children if c.status is ChildStatus.ACTIVE]
-        views = await asyncio.gather(*(steps.describe_level(LevelRef.supervisor(req.domain, name))
+        views = await steps.gather(*(steps.describe_level(LevelRef.supervisor(req.domain, name))
                                        for name in active))
         load = {v.name: len(v.children) for v in views}
         candidates = sorted(active if req.drain else [name for name in active if load[name] == 0],

@@ -161,13 +161,13 @@ domains:
 """)["created"]
     assert {f"domain {d}", f"supervisor {d}/base", f"agent {d}/base-agent-1", f"agent {d}/base-agent-2"} <= set(created)
 
-    # 1. Spawns in flight on the supervisor worker: no agent worker, so each spawn has its slice
-    #    carved at the supervisor and waits to start its agent. Then the supervisor worker dies.
+    # 1. Spawns while no agent worker runs: a spawn starts its agent's workflow without waiting for
+    #    its first task, so each finishes with its slice carved, and its agent waits for an agent
+    #    worker. Then the supervisor worker dies.
     assert agent.stop(signal.SIGTERM) == 0
     spawns = [Pending(a, "agent", "spawn", d, "base", f"a-{i}") for i in range(1, 5)]
-    wait_for(lambda: children(a, "supervisor", "status", d, "base"), lambda c: len(c) == 6, timeout=60,
-             what="four spawns registered at supervisor base")
-    assert all(p.running() for p in spawns), "a spawn finished without an agent worker"
+    spawned = [p.finish() for p in spawns]
+    assert len(children(a, "supervisor", "status", d, "base")) == 6
     supervisor.stop(signal.SIGKILL)
 
     # 2. A scale-up in flight on the manager worker: the manager carves five slices, and the
@@ -177,11 +177,12 @@ domains:
              what="five supervisors registered at manager wk")
     assert scale.running(), "the scale finished without a supervisor worker"
     manager.stop(signal.SIGKILL)
-    assert all(p.running() for p in [*spawns, scale])
+    assert scale.running()
 
-    # 3. One new worker for every level: it replays the dead workers' workflows and finishes them.
+    # 3. One new worker for every level: it replays the dead workers' workflows and finishes them,
+    #    and the agents waiting for an agent worker start.
     workers("all")
-    results = [p.finish() for p in [*spawns, scale]]
+    results = [*spawned, scale.finish()]
     for r in results:
         assert r.rc == 0, str(r)
         assert_clean(r)
@@ -302,22 +303,33 @@ def test_up_stops_on_sigterm_while_waiting_for_workers(tmp_path: Path) -> None:
         kill_servers_of(state)
 
 
-#: A manager worker that cannot take its share of an allocation: it hosts the Manager entities (so
-#: their Queries and Updates are answered) and every manager activity except ``reserve``. An
-#: escalation that reaches the domain then waits right after the supervisor's share was taken.
-_MANAGER_WITHOUT_RESERVE = """
+#: A supervisor worker whose escalations stop at the domain: the domain's share of an allocation is
+#: asked by a local activity in the worker running the allocation (this one), and here that call
+#: waits forever. An escalation then waits right after the supervisor's share was taken.
+_SUPERVISOR_HOLDING_AT_DOMAIN = """
 import asyncio, sys
+from temporalio import activity
 from temporalio.worker import Worker
+from activities.levels import LevelActivities
+from tetrarch.calls import ReserveCall
+from tetrarch.level import ReserveResult
 from tetrarch.names import Level, TaskQueues
 from worker.connect import connect
 from worker.registry import WORKFLOWS_BY_LEVEL, activities_for
 from worker.run import workflow_runner
 
+class Holding(LevelActivities):
+    @activity.defn(name="reserve")
+    async def reserve(self, call: ReserveCall) -> ReserveResult:
+        if call.target.level is Level.MANAGER:
+            await asyncio.Event().wait()
+        return await super().reserve(call)
+
 async def main():
     client = await connect(sys.argv[1])
-    acts = [a for a in activities_for(Level.MANAGER, client) if a.__name__ != "reserve"]
-    await Worker(client, task_queue=TaskQueues("").for_level(Level.MANAGER),
-                 workflows=list(WORKFLOWS_BY_LEVEL[Level.MANAGER]), activities=acts,
+    acts = [a for a in activities_for(Level.SUPERVISOR, client) if a.__name__ != "reserve"]
+    await Worker(client, task_queue=TaskQueues("").for_level(Level.SUPERVISOR),
+                 workflows=list(WORKFLOWS_BY_LEVEL[Level.SUPERVISOR]), activities=[*acts, Holding(client).reserve],
                  workflow_runner=workflow_runner()).run()
 
 asyncio.run(main())
@@ -336,9 +348,9 @@ def test_a_worker_killed_mid_escalation_completes_or_compensates(bare: BareServe
     a = bare.address
     d = "wkres"
     workers("orchestrator")
-    supervisor = workers("supervisor")
+    workers("manager")
     workers("agent")
-    crippled = Background([PYTHON, "-c", _MANAGER_WITHOUT_RESERVE, a], tmp_path / "manager-no-reserve.log").start()
+    crippled = Background([PYTHON, "-c", _SUPERVISOR_HOLDING_AT_DOMAIN, a], tmp_path / "supervisor-holding.log").start()
     try:
         apply_file(a, tmp_path / "wkres.yaml", GLOBAL + f"""\
 domains:
@@ -359,16 +371,17 @@ domains:
         wait_for(held, lambda keys: keys == ["fits", "too-big"], timeout=60,
                  what="both allocations reserved at the supervisor and waiting for the domain")
         assert fits.running() and too_big.running()
-        supervisor.stop(signal.SIGKILL)  # the worker running both AllocateResources workflows
-        crippled.stop(signal.SIGKILL)
+        crippled.stop(signal.SIGKILL)  # the worker running both AllocateResources workflows
         workers("supervisor")
-        workers("manager")
 
         done = fits.finish()
         assert done.rc == 0, str(done)
         assert_clean(done)
-        assert done.json["served_by"] == "manager"
-        assert done.json["parts"]["supervisor"]["cpu_millis"] + done.json["parts"]["manager"]["cpu_millis"] == 3000
+        # Which of the two resumed allocations reaches the domain first is up to the restart: when the
+        # doomed one does, it holds the domain's free CPU until refused, and this one borrows globally.
+        parts = {level: part["cpu_millis"] for level, part in done.json["parts"].items()}
+        assert done.json["served_by"] in ("manager", "orchestrator")
+        assert sum(parts.values()) == 3000, parts
         refused = too_big.finish()
         assert refused.rc == 1, str(refused)
         assert refused.error["code"] == "CapacityExceeded" and refused.error["level"] == "orchestrator"
@@ -377,10 +390,12 @@ domains:
         audit = ok("resources", "audit", address=a)
         assert audit["ok"] is True and audit["problems"] == []
         after = ok("resources", "pools", d, address=a)["pools"]
-        assert after["orchestrator"] == before["orchestrator"], "nothing was taken from the global pool"
+        top = after["orchestrator"]
+        assert top["lent"]["cpu_millis"] - before["orchestrator"]["lent"]["cpu_millis"] == parts.get("orchestrator", 0)
         dom = after[f"manager/{d}"]
-        assert dom["lent"]["cpu_millis"] == done.json["parts"]["manager"]["cpu_millis"]
-        assert after[f"supervisor/{d}/base"]["borrowed"] == dom["lent"]
+        assert dom["lent"]["cpu_millis"] == parts.get("manager", 0)
+        borrowed = parts.get("manager", 0) + parts.get("orchestrator", 0)
+        assert after[f"supervisor/{d}/base"]["borrowed"]["cpu_millis"] == borrowed
         ops = [i for i in workflow_ids(workflow_list(a, f"Domain='{d}' AND ExecutionStatus='Running'"))
                if i.startswith("op/")]
         assert ops == [], f"operations still running: {ops}"

@@ -35,7 +35,9 @@ Recorded:
 ``before_resources_*.json`` were recorded with session 1's code (commit f091181: before allocations,
 images and failure checks) and are kept as they are: running executions of that version must still
 replay on this code. ``before_resources_supervisor.json`` (a supervisor with two agents) was recorded
-later by running that commit's code. The recorder does not touch them.
+later by running that commit's code. ``before_local_calls_*.json`` are session 2's histories, recorded
+before entity calls became local activities (patch ``local-entity-calls``): they schedule activities
+on the level queues. The recorder touches no ``before_*`` file.
 
 Re-record after an intended change to a workflow's commands; a change that would break running
 executions needs ``workflow.patched()`` instead, and these histories are what catch it.
