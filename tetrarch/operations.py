@@ -144,6 +144,8 @@ class BatchSpawnRequest(_Request):
     agents: list[BatchAgent] = Field(min_length=1, max_length=1000)
     all_or_nothing: bool = True
     placement: PlacementStrategy | None = None
+    settings: EntitySettings | None = Field(
+        default=None, description="Tuning of every agent's entity (heartbeat, ...; default: defaults).")
 
 
 class BatchAgentOutcome(BaseModel):

@@ -102,3 +102,20 @@ async def test_a_batch_above_a_policy_is_refused_by_the_highest_level(tc: Tetrar
     assert (await tc.supervisor_status(d, "s")).children == []
     await audited(tc, d)
     await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
+
+
+async def test_a_batch_gives_every_agent_its_entity_settings(tc: TetrarchClient, client: Client) -> None:
+    """Agents spawned by the thousand must be able to stay quiet: the batch carries their heartbeat."""
+    from tetrarch.models import LevelRef
+    from tetrarch.operations import AgentInput, EntitySettings
+
+    d = await domain(tc, "batchset")
+    quiet = EntitySettings(heartbeat_seconds=3600)
+    await tc.batch_spawn(BatchSpawnRequest(domain=d, supervisor="s", settings=quiet,
+                                           agents=[BatchAgent(name=f"q{i}", resources=res(1, 1)) for i in range(2)]))
+    for name in ("q0", "q1"):
+        history = await client.get_workflow_handle(LevelRef.agent(d, name).entity_id).fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        inp = (await client.data_converter.decode(started.input.payloads, [AgentInput]))[0]
+        assert isinstance(inp, AgentInput) and inp.settings.heartbeat_seconds == 3600
+    await tc.remove_domain(RemoveDomainRequest(domain=d, drain=True))
