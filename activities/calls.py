@@ -53,8 +53,7 @@ async def uninterrupted(call: Awaitable[R]) -> R:
 
     A change sent to an entity may land even if its sender gave up half-way; the calling workflow's
     compensation must run after it lands, never before, or it undoes nothing and the change stays.
-    Local activities are cancelled at once with their workflow, so every change is sent this way
-    (and the workflow waits for the cancelled activity to end: see ``workflows.steps``).
+    Local activities are cancelled at once with their workflow, so every change is sent this way.
     """
     task = asyncio.ensure_future(call)
     try:

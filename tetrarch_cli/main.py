@@ -1146,16 +1146,35 @@ def policy_check(ctx: Ctx, operation: str, target: str, cpu: str | None, memory:
 
 @cli.command()
 @click.option("--short", "mode", flag_value="short", default=True, help="Under a minute (default).")
-@click.option("--full", "mode", flag_value="full", help="More samples, higher concurrency.")
+@click.option("--full", "mode", flag_value="full", help="More samples, higher concurrency, and the worker tuning.")
+@click.option("--tuning/--no-tuning", default=None,
+              help="Also measure worker tuning (sandbox, pollers, eager start and dispatch, local activities); "
+                   "on by default with --full.")
+@click.option("--server-settings", is_flag=True,
+              help="Instead: confirm each embedded-server setting alone, each on a fresh server of its own.")
+@click.option("--memory", "memory_steps", default=None, metavar="N,N,...",
+              help="Instead: resident memory of the server and each level's worker process with N idle agents "
+                   "(e.g. 0,1000,10000).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Directory for the run's JSON file.")
 @json_option
 @click.pass_obj
-def bench(ctx: Ctx, mode: str, out: Path) -> None:
+def bench(ctx: Ctx, mode: str, tuning: bool | None, server_settings: bool, memory_steps: str | None,
+          out: Path) -> None:
     """Measure the seed's table beside the bare server's ceiling, in one run (own server unless --address)."""
     from tetrarch_cli import bench as b
 
+    if server_settings:
+        _bench_server_settings(ctx, mode == "short", out)
+        return
+    if memory_steps is not None:
+        _bench_memory(ctx, memory_steps, out)
+        return
+    with_tuning = tuning if tuning is not None else mode == "full"
+
     async def go() -> b.BenchReport:
+        from tetrarch_cli.bench_tuning import tuning_rows
+
         started = b.now_utc()
         server = None
         address = ctx.address
@@ -1173,6 +1192,8 @@ def bench(ctx: Ctx, mode: str, out: Path) -> None:
                 try:
                     await TetrarchClient(client, prefix).apply(HierarchySpec())
                     rows = await b.run_bench(client, prefix, short=mode == "short")
+                    if with_tuning:  # the deployment's orchestrator stays on the workers above
+                        rows += await tuning_rows(client, short=mode == "short")
                 finally:
                     stop.set()
                     await workers
@@ -1187,6 +1208,39 @@ def bench(ctx: Ctx, mode: str, out: Path) -> None:
         _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
     path = b.write_report(report, out)
     _emit(ctx, report, lambda: b.render(report) + f"\n\nwritten to {path}")
+
+
+def _bench_server_settings(ctx: Ctx, short: bool, out: Path) -> None:
+    """Each embedded-server setting alone, against the dev server's defaults and the tuned whole."""
+    from tetrarch_cli import bench_server as bs
+
+    with tempfile.TemporaryDirectory(prefix="tetrarch-settings-") as state:
+        try:
+            report = asyncio.run(bs.measure_server_settings(short, Path(state)))
+        except ServerError as e:
+            _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
+    path = bs.write_settings_report(report, out)
+    _emit(ctx, report, lambda: bs.render_settings(report) + f"\n\nwritten to {path}")
+
+
+def _bench_memory(ctx: Ctx, steps_text: str, out: Path) -> None:
+    """Resident memory with 0, 1,000, 10,000 (or the given numbers of) idle agents."""
+    from tetrarch_cli import bench_memory as bm
+
+    try:
+        steps = [int(x) for x in steps_text.split(",") if x.strip()]
+    except ValueError:
+        _fail(ctx, EXIT_USAGE, "InvalidRequest",
+              f"--memory takes agent counts separated by commas (e.g. 0,1000,10000), not {steps_text!r}")
+    with tempfile.TemporaryDirectory(prefix="tetrarch-memory-") as state:
+        try:
+            report = asyncio.run(bm.measure_memory(steps, Path(state)))
+        except ServerError as e:
+            _fail(ctx, EXIT_UNREACHABLE, "ServerError", str(e))
+        except ValueError as e:
+            _fail(ctx, EXIT_USAGE, "InvalidRequest", str(e))
+    path = bm.write_memory_report(report, out)
+    _emit(ctx, report, lambda: bm.render_memory(report) + f"\n\nwritten to {path}")
 
 
 # -- schema ------------------------------------------------------------------------------------------
