@@ -100,10 +100,10 @@ class PoolTotals(BaseModel):
 def totals(capacity: Resources, carved: Resources, grants: list[Grant], lends: bool) -> PoolTotals:
     """The pool of a level with these slices and grants (``lends``: a manager or the orchestrator)."""
     own = total([g.own for g in grants])
+    borrowed = total([g.borrowed for g in grants])
     granted = carved + own
     return PoolTotals(capacity=capacity, granted=granted, free=capacity.minus(granted),
-                      borrowed=total([g.borrowed for g in grants]), lent=own if lends else Resources(),
-                      allocated=total([g.size for g in grants]))
+                      borrowed=borrowed, lent=own if lends else Resources(), allocated=own + borrowed)
 
 
 def priority_order(grants: list[Grant]) -> list[Grant]:

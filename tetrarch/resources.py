@@ -128,7 +128,10 @@ class Resources(BaseModel):
 
     @classmethod
     def _of_values(cls, values: tuple[int, ...] | list[int]) -> Resources:
-        return cls(**dict(zip(KINDS, values, strict=True)))
+        """From component values already known valid (sums and differences of valid vectors): built
+        without validation, which made pool arithmetic the bulk of an entity's Update (and of its
+        replay, which the SDK's two-second deadlock check then cut short on a large supervisor)."""
+        return cls.model_construct(**dict(zip(KINDS, values, strict=True)))
 
     def __add__(self, other: Resources) -> Resources:
         return Resources._of_values([a + b for a, b in zip(self._values(), other._values(), strict=True)])
@@ -171,8 +174,5 @@ KIND_UNITS: dict[str, str] = {"cpu_millis": " CPU", "memory_mib": "", "gpu": " G
 
 
 def total(items: list[Resources]) -> Resources:
-    """Sum of a list of resource vectors."""
-    out = Resources()
-    for item in items:
-        out = out + item
-    return out
+    """Sum of a list of resource vectors (one pass, one vector built)."""
+    return Resources._of_values([sum(getattr(item, kind) for item in items) for kind in KINDS])

@@ -189,7 +189,7 @@ class Plan(BaseModel):
 def plan(short: bool) -> Plan:
     """How many samples each mode takes (short: under a minute here)."""
     if short:
-        return Plan(n=40, total=200, conc=20, concurrencies=(1, 5, 20, 50), spawn_n=15, spawn_load=60, batch=50)
+        return Plan(n=40, total=150, conc=20, concurrencies=(1, 5, 20, 50), spawn_n=15, spawn_load=60, batch=50)
     return Plan(n=200, total=1000, conc=50, concurrencies=(1, 5, 20, 50, 100), spawn_n=60, spawn_load=300,
                 batch=200)
 
@@ -323,7 +323,7 @@ async def _mixed_row(tc: TetrarchClient, domain: str, p: Plan, ceiling: Ceiling)
         return await tc.spawn_agent(SpawnAgentRequest(domain=domain, supervisor="s", name=f"m{i}",
                                                       resources=Resources(cpu_millis=10, memory_mib=16)))
 
-    total = p.total * 2
+    total = p.total
     rate = await _rate(total, p.conc, op)
     return Row(name=f"mixed load, operations per second ({p.conc} in flight: 40% status, 30% policy checks, "
                     "20% allocations, 10% spawns)", samples=total, per_second=round(rate),
