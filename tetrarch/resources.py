@@ -131,7 +131,8 @@ class Resources(BaseModel):
         """From component values already known valid (sums and differences of valid vectors): built
         without validation, which made pool arithmetic the bulk of an entity's Update (and of its
         replay, which the SDK's two-second deadlock check then cut short on a large supervisor)."""
-        return cls.model_construct(**dict(zip(KINDS, values, strict=True)))
+        fields: dict[str, Any] = dict(zip(KINDS, values, strict=True))
+        return cls.model_construct(**fields)
 
     def __add__(self, other: Resources) -> Resources:
         return Resources._of_values([a + b for a, b in zip(self._values(), other._values(), strict=True)])
