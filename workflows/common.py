@@ -69,17 +69,21 @@ def error_info(err: BaseException) -> ErrorInfo | None:
     return None
 
 
+def current_level() -> Level | None:
+    """The level whose queue this workflow runs on (None on a queue not named after a level)."""
+    tq = workflow.info().task_queue
+    return next((level for level in Level if tq.endswith(level.value)), None)
+
+
 def queues() -> TaskQueues:
     """The task queues of this deployment, derived from the queue this workflow runs on.
 
     Every queue is ``<prefix><level>``; the prefix is whatever precedes the level name here, so a
     deployment (or a test) with a prefix needs no extra configuration.
     """
+    level = current_level()
     tq = workflow.info().task_queue
-    for level in Level:
-        if tq.endswith(level.value):
-            return TaskQueues(tq[: -len(level.value)])
-    return TaskQueues("")
+    return TaskQueues(tq[: -len(level.value)] if level is not None else "")
 
 
 class Saga:

@@ -95,7 +95,7 @@ with workflow.unsafe.imports_passed_through():
     from tetrarch.pools import LedgerSnapshot
     from tetrarch.resource_ops import AllocationCheck
 
-from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, gather_all, queues
+from workflows.common import ENTITY_CALL_RETRY, ENTITY_CALL_TIMEOUT, current_level, gather_all, queues
 
 R = TypeVar("R")
 
@@ -142,18 +142,12 @@ async def gather(*calls: Awaitable[R]) -> list[R]:
     return list(await asyncio.gather(*calls))
 
 
-def _here() -> Level | None:
-    """The level whose queue this workflow runs on."""
-    tq = workflow.info().task_queue
-    return next((lv for lv in Level if tq.endswith(lv.value)), None)
-
-
 async def _run(method: Any, arg: Any, level: Level) -> Any:
     # Only calls to another level's entities run locally. A local activity holds its workflow's task
     # slot while it runs; an entity on this same queue needs a slot of this same worker to answer, so
     # enough operations calling it at once took every slot and waited on each other (seen: a drain of
     # 160 agents, every StopAgent stuck). Same-queue calls are activities, dispatched eagerly.
-    if method in LOCAL_CALLS and level is not _here() and workflow.patched(LOCAL_ENTITY_CALLS):
+    if method in LOCAL_CALLS and level is not current_level() and workflow.patched(LOCAL_ENTITY_CALLS):
         # Not waited for when cancelled: an operation's own cancellation never reaches its steps
         # (common.guarded), and waiting raced the SDK (a call ending as its cancellation arrived left
         # the workflow waiting forever). A cancelled call still finishes what it sent (calls.uninterrupted).
